@@ -1,0 +1,5 @@
+"""coap8bit: COAP (correlation-aware gradient projection) AdamW with 8-bit low-rank state."""
+from .optimizer import AdamW, AdamW8bit, COAPAdamW
+
+__version__ = "0.1.0"
+__all__ = ["AdamW8bit", "AdamW", "COAPAdamW", "__version__"]

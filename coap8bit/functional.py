@@ -1,0 +1,136 @@
+"""The optimizer's math as plain functions on tensors (no Optimizer class, no state dict).
+
+Each function here that has a Triton counterpart in ``coap8bit.kernels`` is its pure-PyTorch twin: the
+CPU path and the oracle the kernel tests compare against. Signatures match one to one.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quant import dequantize_blockwise, quantize_blockwise
+
+__all__ = [
+    "adam_moment_update_",
+    "moment_update_8bit",
+    "moment_update_32bit",
+    "stochastic_round_",
+    "apply_matrix_update_",
+    "apply_dense_update_",
+]
+
+
+def adam_moment_update_(
+    g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, beta1: float, beta2: float
+) -> None:
+    """m <- β1 m + (1-β1) g ; v <- β2 v + (1-β2) g² (fp32, in place)."""
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def _normalized(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int, beta1: float, beta2: float):
+    """N = m̂ / (√v̂ + eps) with Adam's bias correction at ``step`` (1-based)."""
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    return (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+
+
+def moment_update_32bit(
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+) -> torch.Tensor:
+    """Adam moments in fp32 state, updated in place; returns the normalized update N (fp32)."""
+    g = g.to(torch.float32)
+    adam_moment_update_(g, m, v, beta1=beta1, beta2=beta2)
+    return _normalized(m, v, eps=eps, step=step, beta1=beta1, beta2=beta2)
+
+
+def moment_update_8bit(
+    g: torch.Tensor,
+    m_codes: torch.Tensor,
+    m_absmax: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_absmax: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    block_size: int,
+) -> torch.Tensor:
+    """Dequantize m (signed map) and v (unsigned map), apply the Adam moment update with ``g``,
+    requantize in place (codes and absmax), return N = m̂/(√v̂+eps) from the fp32 values before
+    requantization (as bitsandbytes' fused kernel does). Torch twin of ``kernels.moment_update_8bit``."""
+    m = dequantize_blockwise(m_codes, m_absmax, signed=True, block_size=block_size)
+    v = dequantize_blockwise(v_codes, v_absmax, signed=False, block_size=block_size)
+    N = moment_update_32bit(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step)
+    quantize_blockwise(m, signed=True, block_size=block_size, out_codes=m_codes, out_absmax=m_absmax)
+    quantize_blockwise(v, signed=False, block_size=block_size, out_codes=v_codes, out_absmax=v_absmax)
+    return N
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int) -> torch.Tensor:
+    """Copy fp32 ``src`` into bf16 ``dst`` with stochastic rounding: add uniform random bits below
+    bf16's mantissa to the fp32 bit pattern, then truncate. E[dst] = src, so many updates smaller than
+    half a bf16 ulp still move the weight in expectation (round-to-nearest would drop them all).
+    Randomness comes from a generator seeded with ``seed`` on dst's device: reproducible, no global RNG."""
+    if dst.dtype != torch.bfloat16:
+        dst.copy_(src)
+        return dst
+    gen = torch.Generator(device=src.device).manual_seed(seed)
+    bits = src.to(torch.float32).contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, generator=gen, device=src.device, dtype=torch.int32)
+    rounded = (bits + noise).bitwise_and_(-65536).view(torch.float32)
+    dst.copy_(rounded)
+    return dst
+
+
+def apply_matrix_update_(
+    W: torch.Tensor,
+    N: torch.Tensor,
+    P: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    scale: float,
+    sr_seed: int | None,
+) -> None:
+    """W <- (1 - lr·wd) W - lr·scale · N P, on the canonical (a×b) view of the weight.
+
+    fp32 weights: one fused addmm_. bf16 weights with ``sr_seed``: computed in fp32 and stochastically
+    rounded back (one a×b fp32 temporary). Other dtypes: round to nearest."""
+    decay = 1.0 - lr * weight_decay
+    alpha = -lr * scale
+    if W.dtype == torch.float32:
+        W.addmm_(N, P.to(torch.float32), beta=decay, alpha=alpha)
+        return
+    if W.dtype == torch.bfloat16 and sr_seed is not None:
+        full = torch.addmm(W.to(torch.float32), N, P.to(torch.float32), beta=decay, alpha=alpha)
+        stochastic_round_(W, full, sr_seed)
+        return
+    W.addmm_(N.to(W.dtype), P.to(W.dtype), beta=decay, alpha=alpha)
+
+
+def apply_dense_update_(
+    W: torch.Tensor,
+    N: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    sr_seed: int | None,
+) -> None:
+    """W <- (1 - lr·wd) W - lr · N for an unprojected tensor (N fp32, shaped like W)."""
+    decay = 1.0 - lr * weight_decay
+    if W.dtype == torch.float32:
+        W.mul_(decay).add_(N, alpha=-lr)
+        return
+    full = W.to(torch.float32).mul_(decay).add_(N, alpha=-lr)
+    if W.dtype == torch.bfloat16 and sr_seed is not None:
+        stochastic_round_(W, full, sr_seed)
+    else:
+        W.copy_(full)

@@ -1,0 +1,646 @@
+"""``coap8bit.AdamW8bit`` and ``coap8bit.AdamW``: COAP low-rank Adam with a thin Optimizer class.
+
+The class validates hyper-parameters, owns the state dict and dispatches each parameter to one of four
+update rules (the math lives in ``functional``, ``projection`` and ``quant``):
+
+  "matrix"  2-D weight, rank < min(rows, cols), numel >= min_proj_size: COAP low-rank moments + projector
+  "tucker"  4-D conv weight, numel > 9216: COAP on the core of a Tucker (mode-0/1) decomposition
+  "dense8"  anything else with numel >= min_8bit_size under 8-bit: blockwise 8-bit Adam (bitsandbytes' kernel)
+  "dense32" the rest: fp32 Adam
+
+State holds tensors and Python ints only, so ``torch.load(..., weights_only=True)`` reads a checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from . import functional as Fn
+from . import projection as proj
+from .quant import dequantize_blockwise, num_blocks, quantize_blockwise
+
+__all__ = ["AdamW8bit", "AdamW", "COAPAdamW"]
+
+BACKENDS = ("auto", "torch", "triton")
+PROJ_OBJECTIVES = ("relative", "reference")
+PROJ_ROUNDINGS = ("stochastic", "nearest")
+TUCKER_MIN_NUMEL = 9216  # the COAP reference leaves conv weights of at most this many elements unprojected
+
+# GaLore / HF `optim_target_modules` group keys -> ours. GaLore's update_proj_gap is the interval of its
+# projector refresh, which in COAP is the cheap SGD update (the reference code maps it the same way).
+GROUP_KEY_ALIASES = {"update_proj_gap": "update_interval", "rank_ratio": "rank_ratio"}
+
+# Purposes mixed into derive_seed so that streams of different uses never coincide.
+_SEED_INIT, _SEED_PROJ_SR, _SEED_PARAM_SR = 1, 2, 3
+
+# State keys of each kind and the dtype each must have (validated on load).
+_U8, _F32 = torch.uint8, torch.float32
+
+
+def _state_spec(kind: str, bits: int) -> dict[str, torch.dtype]:
+    if kind in ("matrix", "tucker"):
+        if bits == 8:
+            spec = {
+                "exp_avg_codes": _U8, "exp_avg_absmax": _F32,
+                "exp_avg_sq_codes": _U8, "exp_avg_sq_absmax": _F32,
+            }
+        else:
+            spec = {"exp_avg": _F32, "exp_avg_sq": _F32}
+        if kind == "matrix":
+            spec.update({"proj_codes": _U8, "proj_absmax": _F32} if bits == 8 else {"proj": _F32})
+        else:
+            for mode in (0, 1):
+                spec.update(
+                    {f"factor{mode}_codes": _U8, f"factor{mode}_absmax": _F32}
+                    if bits == 8 else {f"factor{mode}": _F32}
+                )
+        return spec
+    if kind == "dense8":
+        return {"exp_avg_codes": _U8, "exp_avg_absmax": _F32, "exp_avg_sq_codes": _U8, "exp_avg_sq_absmax": _F32}
+    return {"exp_avg": _F32, "exp_avg_sq": _F32}
+
+
+_SCALAR_STATE = ("step", "seed_key", "skipped")
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+class COAPAdamW(Optimizer):
+    """COAP AdamW: Adam moments in a low-rank, correlation-tracked subspace of each weight's gradient.
+
+    Prefer the two public classes: :class:`AdamW8bit` (8-bit moments and projector — the product) and
+    :class:`AdamW` (the same algorithm in fp32, for ablations and as a reference).
+
+    Args (bitsandbytes ``AdamW8bit``-compatible first):
+        params: iterable of parameters or param-group dicts. Every keyword below except ``backend``,
+            ``seed`` and the bnb compatibility arguments may be overridden per group; GaLore's group keys
+            ``rank``, ``update_proj_gap`` (-> ``update_interval``), ``scale`` and ``proj_type`` are accepted.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (weight decay decoupled).
+        amsgrad, optim_bits, args, min_8bit_size, percentile_clipping, block_wise, is_paged: bnb's.
+            ``amsgrad=True``, ``args``, ``percentile_clipping < 100`` and ``block_wise=False`` change results
+            and are not implemented: they raise. ``is_paged`` only changes where memory lives: warns once.
+        rank: projection rank r for every projected weight; None -> ``min(rows, cols) // rank_ratio``.
+        rank_ratio: default 4, the paper's LLaMA settings (rank 512 of hidden 2048 for LLaMA-1B, rank 1024
+            of 4096 for LLaMA-7B 8-bit). Ratio 2 is the paper's −81% configuration.
+        update_interval: T_u, steps between correlation-aware SGD steps on P. Default 40 (paper LLaMA-1B;
+            reference code 32, LLaMA-7B runs 100).
+        reproject_factor: re-project P by a warm-started randomized SVD every ``update_interval *
+            reproject_factor`` steps. Default 5, the reference code's.
+        scale: multiplier of the low-rank update (GaLore's ``scale``). Default 1.0; the paper's LLaMA runs
+            use 0.25 with a larger lr.
+        proj_type: "std" (project the smaller dimension), "reverse_std", "right", "left".
+        projection: False turns projection off for a group (every tensor gets plain Adam).
+        min_proj_size: 2-D weights with fewer elements are not projected (default 4096 = bnb's
+            min_8bit_size: below it state is fp32 anyway and a projector would cost more than it saves).
+        block_size: elements per absmax block of every 8-bit tensor (power of two in [32, 4096]; default 256
+            as bitsandbytes).
+        proj_objective: "relative" (default; MSE divided by ‖G‖², scale-invariant) or "reference" (the
+            reference code's MSE divided by rows·cols, whose steps vanish for real gradient magnitudes).
+        proj_lr, proj_max_grad_norm: the projector's SGD step (reference: 0.1 and 1.0).
+        power_iters: extra subspace iterations in the warm-started re-projection (0 = the reference).
+        rotate_moments: when P changes, map the moments into the new basis (m <- m P_old P_newᵀ,
+            v <- v (P_old P_newᵀ)∘²). Default False, as the reference.
+        proj_rounding: rounding of the 8-bit projector after an SGD step: "stochastic" (default, seeded) or
+            "nearest" (small steps below the code resolution are then lost).
+        bf16_stochastic_rounding: bf16 parameters get updates with seeded stochastic rounding (default True).
+        seed: base of every random draw (initial sketch, stochastic rounding); identical gradients give
+            bit-identical projectors on every process.
+        backend: "auto", "torch" or "triton" (fused kernels for the 8-bit low-rank moments).
+    """
+
+    _default_bits = 8
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int | None = None,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+        *,
+        rank: int | None = None,
+        rank_ratio: float = 4.0,
+        update_interval: int = 40,
+        reproject_factor: int = 5,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        projection: bool = True,
+        min_proj_size: int = 4096,
+        block_size: int = 256,
+        proj_objective: str = "relative",
+        proj_lr: float = 0.1,
+        proj_max_grad_norm: float = 1.0,
+        power_iters: int = 0,
+        rotate_moments: bool = False,
+        proj_rounding: str = "stochastic",
+        bf16_stochastic_rounding: bool = True,
+        seed: int = 0,
+        backend: str = "auto",
+    ):
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported by coap8bit (low-rank moments have no max state)")
+        if args is not None:
+            raise ValueError("args (a bitsandbytes GlobalOptimManager config object) is not supported; "
+                             "pass settings as keyword arguments or per param group")
+        if percentile_clipping != 100:
+            raise ValueError(f"percentile_clipping must be 100 (off); got {percentile_clipping}: gradient "
+                             "percentile clipping is not implemented")
+        if not block_wise:
+            raise ValueError("block_wise=False is not supported: 8-bit state is always blockwise")
+        if is_paged:
+            warnings.warn("is_paged=True is ignored: coap8bit's state is small and lives on the device",
+                          stacklevel=2)
+        bits = self._default_bits if optim_bits is None else optim_bits
+        if bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=bits,
+            min_8bit_size=min_8bit_size, rank=rank, rank_ratio=rank_ratio, update_interval=update_interval,
+            reproject_factor=reproject_factor, scale=scale, proj_type=proj_type, projection=projection,
+            min_proj_size=min_proj_size, block_size=block_size, proj_objective=proj_objective,
+            proj_lr=proj_lr, proj_max_grad_norm=proj_max_grad_norm, power_iters=power_iters,
+            rotate_moments=rotate_moments, proj_rounding=proj_rounding,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
+        )
+        self.seed = seed
+        self.backend = backend
+        self._warned: set[str] = set()
+        self._param_keys: dict[torch.Tensor, int] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: dict) -> None:
+        for alias, key in GROUP_KEY_ALIASES.items():
+            if alias in param_group and alias != key:
+                if key in param_group and param_group[key] != param_group[alias]:
+                    raise ValueError(f"param group sets both {alias!r} and {key!r} with different values")
+                param_group[key] = param_group.pop(alias)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError("sparse parameters are not supported")
+            self._param_keys.setdefault(p, len(self._param_keys))
+
+    # ------------------------------------------------------------------ public
+    @property
+    def skipped_steps(self) -> int:
+        """Parameter steps skipped because the gradient (or its projection) was not finite."""
+        return sum(int(s.get("skipped", 0)) for s in self.state.values())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, p.grad, group)
+        return loss
+
+    def param_kind(self, p: torch.Tensor, group: dict) -> str:
+        """Which update rule a parameter gets (a pure function of its shape and the group settings)."""
+        if group["projection"]:
+            if p.dim() == 2 and p.numel() >= group["min_proj_size"]:
+                if _matrix_rank(p.shape, group) < min(p.shape):
+                    return "matrix"
+            if p.dim() == 4 and p.numel() > TUCKER_MIN_NUMEL:
+                ranks = _tucker_ranks(p.shape, group)
+                if ranks[0] < p.shape[0] or ranks[1] < p.shape[1]:
+                    return "tucker"
+        if group["optim_bits"] == 8 and p.numel() >= group["min_8bit_size"]:
+            return "dense8"
+        return "dense32"
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> bool:
+        """One optimizer step for one parameter. Returns False if it was skipped (non-finite gradient)."""
+        if grad.is_sparse:
+            raise RuntimeError("coap8bit does not support sparse gradients (e.g. nn.Embedding(sparse=True))")
+        if grad.shape != p.shape:
+            raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(p.shape)}")
+        kind = self.param_kind(p, group)
+        state = self.state[p]
+        if not state:
+            self._init_state(p, kind, group, state)
+        step = state["step"] + 1
+        if kind == "matrix":
+            done = self._step_matrix(p, grad, group, state, step)
+        elif kind == "tucker":
+            done = self._step_tucker(p, grad, group, state, step)
+        else:
+            done = self._step_dense(p, grad, group, state, step, kind)
+        if done:
+            state["step"] = step
+        else:
+            state["skipped"] += 1
+            if "nonfinite" not in self._warned:
+                self._warned.add("nonfinite")
+                warnings.warn("coap8bit: non-finite gradient; that parameter's step was skipped and its state "
+                              "left unchanged (count: optimizer.skipped_steps). Warned once.", stacklevel=3)
+        return done
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, p: torch.Tensor, kind: str, group: dict, state: dict) -> None:
+        bits, bs = group["optim_bits"], group["block_size"]
+        dev = p.device
+        state["step"] = 0
+        state["skipped"] = 0
+        state["seed_key"] = self._param_keys.get(p, len(self._param_keys))
+        if kind == "matrix":
+            layout = _matrix_layout(p, group)
+            _alloc_moments(state, layout.moment_shape, bits, bs, dev)
+            _alloc_quantized(state, "proj", layout.proj_shape, bits, bs, dev)
+        elif kind == "tucker":
+            r0, r1 = _tucker_ranks(p.shape, group)
+            _alloc_moments(state, (r0, r1, *p.shape[2:]), bits, bs, dev)
+            _alloc_quantized(state, "factor0", (r0, p.shape[0]), bits, bs, dev)
+            _alloc_quantized(state, "factor1", (r1, p.shape[1]), bits, bs, dev)
+        else:
+            _alloc_moments(state, tuple(p.shape), 8 if kind == "dense8" else 32, 256 if kind == "dense8" else bs, dev)
+
+    def _seed(self, state: dict, step: int, purpose: int) -> int:
+        return proj.derive_seed(self.seed, state["seed_key"], step, purpose)
+
+    def _load_proj(self, state: dict, name: str, block_size: int) -> torch.Tensor:
+        if name in state:
+            return state[name]
+        return dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"], signed=True,
+                                    block_size=block_size)
+
+    def _store_proj(self, state: dict, name: str, P: torch.Tensor, group: dict, sr_seed: int | None) -> None:
+        if name in state:
+            state[name].copy_(P)
+            return
+        noise = None
+        if sr_seed is not None:
+            noise = proj.seeded_uniform(tuple(P.shape), sr_seed, P.device)
+        quantize_blockwise(P, signed=True, block_size=group["block_size"], out_codes=state[name + "_codes"],
+                           out_absmax=state[name + "_absmax"], noise=noise)
+
+    # ------------------------------------------------------------------ update rules
+    def _moment_update(self, S: torch.Tensor, state: dict, group: dict, step: int, block_size: int) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        if "exp_avg" in state:
+            return Fn.moment_update_32bit(S, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
+                                          eps=group["eps"], step=step)
+        update = _moment_update_8bit_impl(self.backend, S.device)
+        return update(S, state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
+                      state["exp_avg_sq_absmax"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
+                      block_size=block_size)
+
+    def _rotate_moments(self, state: dict, C: torch.Tensor, group: dict) -> None:
+        """m <- m C, v <- v (C∘C): moments re-expressed in the new projector's basis."""
+        bs = group["block_size"]
+        if "exp_avg" in state:
+            state["exp_avg"].copy_(state["exp_avg"] @ C)
+            state["exp_avg_sq"].copy_(state["exp_avg_sq"] @ (C * C))
+            return
+        m = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True, block_size=bs)
+        v = dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False, block_size=bs)
+        quantize_blockwise(m @ C, signed=True, block_size=bs, out_codes=state["exp_avg_codes"],
+                           out_absmax=state["exp_avg_absmax"])
+        quantize_blockwise((v @ (C * C)).clamp_min_(0.0), signed=False, block_size=bs,
+                           out_codes=state["exp_avg_sq_codes"], out_absmax=state["exp_avg_sq_absmax"])
+
+    def _first_moment(self, state: dict, group: dict) -> torch.Tensor:
+        if "exp_avg" in state:
+            return state["exp_avg"]
+        return dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
+                                    block_size=group["block_size"])
+
+    def _refresh_projector(self, G: torch.Tensor, S_old: torch.Tensor | None, state: dict, group: dict,
+                           step: int, name: str, rank: int) -> torch.Tensor | None:
+        """Maintain one projector (r×b) of canonical gradient G (a×b) at ``step``; returns the new
+        fp32 projector when it changed, else None. Schedule (t = step, 1-based):
+          t == 1                           initial P: range finder on a seeded Gaussian sketch
+          (t-1) % (T_u·factor) == 0        warm-started range finder, sketch Y = G P_oldᵀ = S_old
+          (t-1) % T_u == 0                 correlation-aware SGD step
+        """
+        T_u = group["update_interval"]
+        T = T_u * group["reproject_factor"]
+        if step == 1:
+            omega = proj.seeded_normal((G.shape[1], rank), self._seed(state, 0, _SEED_INIT), G.device)
+            P_new = proj.range_finder(G, G.to(torch.float32) @ omega, rank, group["power_iters"])
+            self._store_proj(state, name, P_new, group, sr_seed=None)
+            return P_new
+        if (step - 1) % T_u != 0:
+            return None
+        P_old = self._load_proj(state, name, group["block_size"])
+        if (step - 1) % T == 0:
+            P_new = proj.range_finder(G, S_old, rank, group["power_iters"])
+            P_new = proj.align_signs(P_new, P_old)
+            sr_seed = None
+        else:
+            M = self._first_moment(state, group) if name == "proj" else None
+            if M is None:
+                return None  # Tucker factors are only re-projected (no SGD step; see _step_tucker)
+            P_new, _ = proj.projector_sgd_step(G, S_old, M, P_old, lr=group["proj_lr"],
+                                               max_grad_norm=group["proj_max_grad_norm"],
+                                               objective=group["proj_objective"])
+            sr_seed = self._seed(state, step, _SEED_PROJ_SR) if group["proj_rounding"] == "stochastic" else None
+        self._store_proj(state, name, P_new, group, sr_seed)
+        P_stored = self._load_proj(state, name, group["block_size"])
+        if group["rotate_moments"]:
+            self._rotate_moments(state, proj.rotation(P_old, P_stored), group)
+        return P_stored
+
+    def _param_sr_seed(self, p: torch.Tensor, group: dict, state: dict, step: int) -> int | None:
+        if p.dtype == torch.bfloat16 and group["bf16_stochastic_rounding"]:
+            return self._seed(state, step, _SEED_PARAM_SR)
+        return None
+
+    def _step_matrix(self, p, grad, group, state, step) -> bool:
+        S = self.project_gradient(p, grad, group, state, step, refresh=True)
+        if S is None:
+            return False
+        self.apply_lowrank(p, S, group, state, step)
+        return True
+
+    def project_gradient(self, p, grad, group, state, step, *, refresh: bool) -> torch.Tensor | None:
+        """Low-rank gradient S = G Pᵀ (fp32, a×r) of a "matrix" parameter for its step number ``step``,
+        or None if it is not finite. With ``refresh`` the projector is first initialised / SGD-stepped /
+        re-projected from this gradient when ``step`` is due (see _refresh_projector); without it the
+        current P is used as it is (e.g. later micro-batches of an accumulated step)."""
+        layout = _matrix_layout(p, group)
+        G = proj.canonical(grad, layout)
+        if refresh and state["step"] == 0:  # first step (or first one not skipped): initial projector
+            if not bool(torch.isfinite(grad).all()):
+                return None
+            P = self._refresh_projector(G, None, state, group, 1, "proj", layout.rank)
+            return (G @ P.to(G.dtype).mT).to(torch.float32)
+        P = self._load_proj(state, "proj", group["block_size"])
+        S = G @ P.to(G.dtype).mT
+        # NaN/inf in G reach S (inf·0 = NaN), so checking the a×r S is enough and cheaper than G.
+        if not bool(torch.isfinite(S).all()):
+            return None
+        if refresh and step > 1:
+            P_new = self._refresh_projector(G, S, state, group, step, "proj", layout.rank)
+            if P_new is not None:
+                S = G @ P_new.to(G.dtype).mT
+        return S.to(torch.float32)
+
+    def apply_lowrank(self, p, S, group, state, step) -> None:
+        """Moment update with the low-rank gradient S, then W <- (1-lr·wd) W - lr·scale · N P."""
+        layout = _matrix_layout(p, group)
+        P = self._load_proj(state, "proj", group["block_size"])
+        N = self._moment_update(S, state, group, step, group["block_size"])
+        Fn.apply_matrix_update_(proj.canonical(p, layout), N, P, lr=group["lr"],
+                                weight_decay=group["weight_decay"], scale=group["scale"],
+                                sr_seed=self._param_sr_seed(p, group, state, step))
+
+    def _step_tucker(self, p, grad, group, state, step) -> bool:
+        """Conv weight (O, I, kh, kw): moments live on the core C = G ×₀ U0ᵀ ×₁ U1ᵀ (r0, r1, kh, kw), the
+        update is N ×₀ U0 ×₁ U1. Each factor U_k is maintained as the projector of the mode-k unfolding
+        (transposed so it is canonical): initial and warm-started re-projection as for matrices; the
+        correlation-aware SGD step is a matrix-only feature."""
+        if not bool(torch.isfinite(grad).all()):
+            return False
+        r0, r1 = _tucker_ranks(p.shape, group)
+        G = grad.to(torch.float32)
+        factors = []
+        for mode, r in ((0, r0), (1, r1)):
+            name = f"factor{mode}"
+            unfold = G.movedim(mode, 0).reshape(G.shape[mode], -1).mT  # (rest, dim_mode)
+            U = None
+            if step > 1:
+                U = self._load_proj(state, name, group["block_size"])
+                if (step - 1) % (group["update_interval"] * group["reproject_factor"]) != 0:
+                    factors.append(U)
+                    continue
+            U_new = self._refresh_projector(unfold, unfold @ U.mT if U is not None else None, state,
+                                            group, step, name, r)
+            factors.append(U_new)
+        U0, U1 = factors
+        core = torch.einsum("oikl,ao,bi->abkl", G, U0, U1)
+        N = self._moment_update(core, state, group, step, group["block_size"])
+        full = torch.einsum("abkl,ao,bi->oikl", N, U0, U1).mul_(group["scale"])
+        Fn.apply_dense_update_(p, full, lr=group["lr"], weight_decay=group["weight_decay"],
+                               sr_seed=self._param_sr_seed(p, group, state, step))
+        return True
+
+    def _step_dense(self, p, grad, group, state, step, kind) -> bool:
+        if not bool(torch.isfinite(grad).all()):
+            return False
+        beta1, beta2 = group["betas"]
+        sr_seed = self._param_sr_seed(p, group, state, step)
+        if kind == "dense8" and sr_seed is None and p.is_contiguous() and grad.is_contiguous():
+            # bitsandbytes' fused blockwise kernel (block 256, same code maps) for tensors we don't project.
+            import bitsandbytes.functional as bnbf
+            from .quant import code_map
+
+            bnbf.optimizer_update_8bit_blockwise(
+                "adam", grad, p, state["exp_avg_codes"], state["exp_avg_sq_codes"], beta1, beta2, 0.0, 0.0,
+                group["eps"], step, group["lr"], code_map(True, p.device), code_map(False, p.device),
+                state["exp_avg_absmax"], state["exp_avg_sq_absmax"], weight_decay=group["weight_decay"],
+            )
+            return True
+        N = self._moment_update(grad.to(torch.float32), state, group, step, 256 if kind == "dense8" else 0)
+        Fn.apply_dense_update_(p, N, lr=group["lr"], weight_decay=group["weight_decay"], sr_seed=sr_seed)
+        return True
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's loader, then the saved tensors put back with their own dtypes.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
+        dtype: the fp32 absmax and projector of a bf16 weight would silently become bf16. We let it do its
+        checks and bookkeeping, then replace each state tensor by the saved one, moved to the parameter's
+        device but never cast, and validate keys, dtypes and shapes against the parameter layout."""
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        id_to_param = {
+            saved_id: p
+            for saved_group, group in zip(saved_groups, self.param_groups)
+            for saved_id, p in zip(saved_group["params"], group["params"])
+        }
+        for saved_id, saved in saved_state.items():
+            p = id_to_param.get(saved_id)
+            if p is None:
+                continue
+            restored = self.state[p]
+            for key, value in saved.items():
+                if torch.is_tensor(value):
+                    restored[key] = value.to(device=p.device, copy=True)
+        for group in self.param_groups:
+            _validate_group(group)
+            for p in group["params"]:
+                if self.state.get(p):
+                    _validate_param_state(p, self.state[p], self.param_kind(p, group), group)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _moment_update_8bit_impl(backend: str, device: torch.device):
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return Fn.moment_update_8bit
+    from .kernels import dispatch
+
+    return dispatch.moment_update_8bit(backend, device)
+
+
+def _matrix_rank(shape, group) -> int:
+    if group["rank"] is not None:
+        return int(group["rank"])
+    return max(1, int(min(shape) // group["rank_ratio"]))
+
+
+def _matrix_layout(p: torch.Tensor, group: dict) -> proj.ProjLayout:
+    return proj.matrix_layout(tuple(p.shape), _matrix_rank(p.shape, group), group["proj_type"])
+
+
+def _tucker_ranks(shape, group) -> tuple[int, int]:
+    if group["rank"] is not None:
+        return min(int(group["rank"]), shape[0]), min(int(group["rank"]), shape[1])
+    return max(1, int(shape[0] // group["rank_ratio"])), max(1, int(shape[1] // group["rank_ratio"]))
+
+
+def _alloc_quantized(state: dict, name: str, shape: tuple[int, ...], bits: int, block_size: int,
+                     device: torch.device) -> None:
+    n = math.prod(shape)
+    if bits == 8:
+        state[name + "_codes"] = torch.zeros(shape, dtype=torch.uint8, device=device)
+        state[name + "_absmax"] = torch.zeros(num_blocks(n, block_size), dtype=torch.float32, device=device)
+    else:
+        state[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+
+
+def _alloc_moments(state, shape, bits, block_size, device) -> None:
+    if bits == 8:
+        _alloc_quantized(state, "exp_avg", shape, 8, block_size, device)
+        _alloc_quantized(state, "exp_avg_sq", shape, 8, block_size, device)
+        # Code 127 is 0.0 in the signed map; unsigned code 0 is 0.0.
+        state["exp_avg_codes"].fill_(127)
+    else:
+        _alloc_quantized(state, "exp_avg", shape, 32, block_size, device)
+        _alloc_quantized(state, "exp_avg_sq", shape, 32, block_size, device)
+
+
+def _expected_shapes(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple[int, ...]]:
+    bs = group["block_size"] if kind in ("matrix", "tucker") else 256
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def add(name, shape, bits, block):
+        if bits == 8:
+            shapes[name + "_codes"] = tuple(shape)
+            shapes[name + "_absmax"] = (num_blocks(math.prod(shape), block),)
+        else:
+            shapes[name] = tuple(shape)
+
+    bits = group["optim_bits"]
+    if kind == "matrix":
+        layout = _matrix_layout(p, group)
+        add("exp_avg", layout.moment_shape, bits, bs)
+        add("exp_avg_sq", layout.moment_shape, bits, bs)
+        add("proj", layout.proj_shape, bits, bs)
+    elif kind == "tucker":
+        r0, r1 = _tucker_ranks(p.shape, group)
+        for n in ("exp_avg", "exp_avg_sq"):
+            add(n, (r0, r1, *p.shape[2:]), bits, bs)
+        add("factor0", (r0, p.shape[0]), bits, bs)
+        add("factor1", (r1, p.shape[1]), bits, bs)
+    else:
+        b = 8 if kind == "dense8" else 32
+        add("exp_avg", p.shape, b, 256)
+        add("exp_avg_sq", p.shape, b, 256)
+    return shapes
+
+
+def _validate_param_state(p: torch.Tensor, state: dict, kind: str, group: dict) -> None:
+    bits = group["optim_bits"] if kind in ("matrix", "tucker") else (8 if kind == "dense8" else 32)
+    spec = _state_spec(kind, bits)
+    shapes = _expected_shapes(p, kind, group)
+    where = f"parameter of shape {tuple(p.shape)} ({kind}, {bits}-bit)"
+    tensor_keys = {k for k, v in state.items() if torch.is_tensor(v)}
+    if tensor_keys != set(spec):
+        raise ValueError(f"loaded optimizer state does not fit {where}: expected keys {sorted(spec)}, got "
+                         f"{sorted(tensor_keys)} (a state dict from another model, optimizer or settings?)")
+    for key, dtype in spec.items():
+        t = state[key]
+        if t.dtype != dtype:
+            raise ValueError(f"loaded state {key!r} for {where} has dtype {t.dtype}, expected {dtype}")
+        if tuple(t.shape) != shapes[key]:
+            raise ValueError(f"loaded state {key!r} for {where} has shape {tuple(t.shape)}, expected "
+                             f"{shapes[key]}")
+    for key in _SCALAR_STATE:
+        if not isinstance(state.get(key), int) or state[key] < 0:
+            raise ValueError(f"loaded state {key!r} for {where} must be a non-negative int, got "
+                             f"{state.get(key)!r}")
+
+
+def _check(cond: bool, name: str, allowed: str, value) -> None:
+    if not cond:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+def _validate_group(g: dict) -> None:
+    _check(isinstance(g["lr"], (float, int, torch.Tensor)) and float(g["lr"]) >= 0.0, "lr", ">= 0", g["lr"])
+    _check(0.0 <= g["eps"], "eps", ">= 0", g["eps"])
+    betas = g["betas"]
+    _check(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", "a pair (beta1, beta2)", betas)
+    _check(0.0 <= betas[0] < 1.0, "betas[0]", "0 <= beta1 < 1", betas[0])
+    _check(0.0 <= betas[1] < 1.0, "betas[1]", "0 <= beta2 < 1", betas[1])
+    _check(0.0 <= g["weight_decay"], "weight_decay", ">= 0", g["weight_decay"])
+    _check(g["optim_bits"] in (8, 32), "optim_bits", "8 or 32", g["optim_bits"])
+    _check(isinstance(g["min_8bit_size"], int) and g["min_8bit_size"] >= 0, "min_8bit_size", "int >= 0",
+           g["min_8bit_size"])
+    _check(g["rank"] is None or (isinstance(g["rank"], int) and g["rank"] >= 1), "rank", "None or int >= 1",
+           g["rank"])
+    _check(isinstance(g["rank_ratio"], (int, float)) and g["rank_ratio"] >= 1, "rank_ratio", ">= 1",
+           g["rank_ratio"])
+    _check(isinstance(g["update_interval"], int) and g["update_interval"] >= 1, "update_interval", "int >= 1",
+           g["update_interval"])
+    _check(isinstance(g["reproject_factor"], int) and g["reproject_factor"] >= 1, "reproject_factor",
+           "int >= 1", g["reproject_factor"])
+    _check(isinstance(g["scale"], (int, float)) and g["scale"] > 0, "scale", "> 0", g["scale"])
+    _check(g["proj_type"] in proj.PROJ_TYPES, "proj_type", " / ".join(proj.PROJ_TYPES), g["proj_type"])
+    _check(isinstance(g["projection"], bool), "projection", "True or False", g["projection"])
+    _check(isinstance(g["min_proj_size"], int) and g["min_proj_size"] >= 1, "min_proj_size", "int >= 1",
+           g["min_proj_size"])
+    _check(isinstance(g["block_size"], int) and _is_power_of_two(g["block_size"]) and 32 <= g["block_size"] <= 4096,
+           "block_size", "a power of two in [32, 4096]", g["block_size"])
+    _check(g["proj_objective"] in PROJ_OBJECTIVES, "proj_objective", " / ".join(PROJ_OBJECTIVES),
+           g["proj_objective"])
+    _check(g["proj_lr"] > 0, "proj_lr", "> 0", g["proj_lr"])
+    _check(g["proj_max_grad_norm"] > 0, "proj_max_grad_norm", "> 0", g["proj_max_grad_norm"])
+    _check(isinstance(g["power_iters"], int) and 0 <= g["power_iters"] <= 8, "power_iters", "int in [0, 8]",
+           g["power_iters"])
+    _check(isinstance(g["rotate_moments"], bool), "rotate_moments", "True or False", g["rotate_moments"])
+    _check(g["proj_rounding"] in PROJ_ROUNDINGS, "proj_rounding", " / ".join(PROJ_ROUNDINGS),
+           g["proj_rounding"])
+    for name in ("projection", "rotate_moments", "bf16_stochastic_rounding"):
+        _check(isinstance(g[name], bool), name, "True or False", g[name])
+
+
+class AdamW8bit(COAPAdamW):
+    """COAP AdamW with 8-bit low-rank moments and an 8-bit projector: a drop-in for
+    ``bitsandbytes.optim.AdamW8bit`` (same positional arguments). See :class:`COAPAdamW` for every
+    keyword."""
+
+    _default_bits = 8
+
+
+class AdamW(COAPAdamW):
+    """COAP AdamW with fp32 low-rank moments and projector (ablation and reference)."""
+
+    _default_bits = 32

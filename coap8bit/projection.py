@@ -1,0 +1,207 @@
+"""COAP's low-rank projector: layout, seeded initialisation, warm-started re-projection, the
+correlation-aware SGD step in closed form, and moment rotation.
+
+Everything here works on the *canonical* orientation of a weight: a matrix G of shape (a, b) with a >= b
+(or the side forced by ``proj_type``), projected on the right by P of shape (r, b):
+
+    low-rank gradient  S = G Pᵀ          (a × r)
+    full-size update   U = N P           (a × b)
+
+A weight whose natural orientation has fewer rows than columns is handled by transposing it (a view) —
+one code path for both sides, never a left/right copy. All math is fp32; P is stored 8-bit by the caller.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+
+import torch
+
+__all__ = [
+    "ProjLayout",
+    "matrix_layout",
+    "canonical",
+    "derive_seed",
+    "seeded_normal",
+    "range_finder",
+    "projector_loss_and_grad",
+    "projector_sgd_step",
+    "align_signs",
+]
+
+PROJ_TYPES = ("std", "reverse_std", "right", "left")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjLayout:
+    """How one 2-D weight of shape (rows, cols) is projected."""
+
+    transposed: bool  # canonical matrix is weight.mT
+    a: int  # canonical rows: the dimension the moments keep
+    b: int  # canonical cols: the dimension P compresses
+    rank: int
+
+    @property
+    def moment_shape(self) -> tuple[int, int]:
+        return (self.a, self.rank)
+
+    @property
+    def proj_shape(self) -> tuple[int, int]:
+        return (self.rank, self.b)
+
+
+def matrix_layout(shape: tuple[int, int], rank: int, proj_type: str = "std") -> ProjLayout:
+    """Side choice. "std" (GaLore's and COAP's rule): rows >= cols -> right projection, else left, so P
+    compresses the smaller dimension. "reverse_std" the opposite; "right"/"left" force a side."""
+    rows, cols = shape
+    if proj_type == "std":
+        right = rows >= cols
+    elif proj_type == "reverse_std":
+        right = rows < cols
+    elif proj_type == "right":
+        right = True
+    elif proj_type == "left":
+        right = False
+    else:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    a, b = (rows, cols) if right else (cols, rows)
+    return ProjLayout(transposed=not right, a=a, b=b, rank=rank)
+
+
+def canonical(t: torch.Tensor, layout: ProjLayout) -> torch.Tensor:
+    """The (a, b) view of a weight-shaped tensor (a transpose view for left projection)."""
+    return t.mT if layout.transposed else t
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (global seed, parameter key, step, purpose), identical on every
+    process and platform: no global generator is consulted."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seeded_normal(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """Gaussian sample drawn on the CPU from ``seed`` (so CPU and CUDA runs agree), moved to ``device``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
+
+
+def seeded_uniform(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) sample on ``device`` from ``seed``: drawn on the device's own generator (for
+    stochastic rounding, where only reproducibility on that device matters, not CPU/GPU agreement)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=gen, dtype=torch.float32, device=device)
+
+
+def range_finder(
+    G: torch.Tensor, Y: torch.Tensor, rank: int, power_iters: int = 0
+) -> torch.Tensor:
+    """Top-``rank`` right singular subspace of G (a×b) from a sketch Y = G Ω (a×k), as P (rank×b)
+    with orthonormal rows.
+
+    Randomized range finder (Halko et al. 2011, Alg. 4.3/4.4): Q = qr(Y), optionally ``power_iters``
+    rounds of Q <- qr(G qr(Gᵀ Q)), then B = Qᵀ G (k×b), SVD(B) = U Σ Vᵀ, P = Vᵀ[:rank].
+    COAP warm-starts it with Ω = P_oldᵀ, so Y = G P_oldᵀ is the low-rank gradient the step computes
+    anyway; at the first step Ω is a seeded Gaussian. Cost: O(a·b·k) per pass over G.
+    """
+    G = G.to(torch.float32)
+    Q = torch.linalg.qr(Y.to(torch.float32)).Q
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(G.mT @ Q).Q
+        Q = torch.linalg.qr(G @ Z).Q
+    B = Q.mT @ G
+    Vh = torch.linalg.svd(B, full_matrices=False).Vh
+    return Vh[:rank].contiguous()
+
+
+def align_signs(P_new: torch.Tensor, P_old: torch.Tensor) -> torch.Tensor:
+    """Flip rows of P_new whose direction opposes the matching row of P_old.
+
+    A singular vector is defined up to sign. The moments are coordinates in P's basis, so a flipped row
+    would reverse that coordinate's momentum after a re-projection; aligning costs O(r·b)."""
+    dots = (P_new * P_old).sum(dim=1, keepdim=True)
+    return torch.where(dots < 0, -P_new, P_new)
+
+
+def projector_loss_and_grad(
+    G: torch.Tensor,
+    S: torch.Tensor,
+    M: torch.Tensor,
+    P: torch.Tensor,
+    objective: str = "relative",
+    cos_eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """COAP's projector objective L = E · (1 − c) and its gradient dL/dP, in closed form.
+
+    G: gradient (a×b), P: projector (r×b), S = G Pᵀ (a×r), M: first moment (a×r), A = M P never formed.
+
+      E = ‖S P − G‖² / Z = (‖G‖² − 2⟨P, SᵀG⟩ + ⟨SᵀS, P Pᵀ⟩) / Z
+      ∇E = (2 / Z) (P Pᵀ SᵀG + SᵀS P − 2 SᵀG)
+      c = mean_i cos(A_i, G_i),  ⟨A_i, G_i⟩ = Σ_k M_ik S_ik,  ‖A_i‖² = M_i (P Pᵀ) M_iᵀ
+      ∇c = (1/a) (Mᵀ diag(w) G − Mᵀ diag(u) M P),  w_i = 1 / (‖A_i‖‖G_i‖),  u_i = cos_i / ‖A_i‖²
+
+    ``objective="reference"`` uses Z = a·b (the MSE of COAP's reference code; for real gradients its
+    gradient is ~‖G‖²/(ab), far below the clip, so the step barely moves P). ``"relative"`` uses
+    Z = ‖G‖², which makes L invariant to the gradient's scale. Cost O(a·b·r); no a×b temporary beyond
+    one fp32 copy of G. Cosines follow torch.cosine_similarity: denominator max(‖A_i‖‖G_i‖, eps).
+    """
+    G = G.to(torch.float32)
+    S = S.to(torch.float32)
+    M = M.to(torch.float32)
+    P = P.to(torch.float32)
+    a, b = G.shape
+
+    SG = S.mT @ G  # r×b, the O(a·b·r) term
+    PPt = P @ P.mT  # r×r
+    StS = S.mT @ S  # r×r
+    g_sq = (G * G).sum(dim=1)  # ‖G_i‖², a
+    g_total = g_sq.sum()
+    if objective == "reference":
+        Z = torch.tensor(float(a * b), dtype=torch.float32, device=G.device)
+    elif objective == "relative":
+        Z = g_total.clamp_min(torch.finfo(torch.float32).tiny)
+    else:
+        raise ValueError(f"proj_objective must be 'relative' or 'reference', got {objective!r}")
+    E = ((g_total - 2.0 * (P * SG).sum() + (StS * PPt).sum()) / Z).clamp_min(0.0)
+    grad_E = (2.0 / Z) * (PPt @ SG + StS @ P - 2.0 * SG)
+
+    dots = (M * S).sum(dim=1)  # ⟨A_i, G_i⟩
+    a_sq = ((M @ PPt) * M).sum(dim=1).clamp_min(0.0)  # ‖A_i‖²
+    a_norm, g_norm = a_sq.sqrt(), g_sq.sqrt()
+    denom = a_norm * g_norm
+    clamped = denom <= cos_eps
+    denom = torch.where(clamped, torch.full_like(denom, cos_eps), denom)
+    cos = dots / denom
+    c = cos.mean()
+    w = 1.0 / denom
+    u = torch.where(clamped | (a_sq == 0), torch.zeros_like(cos), cos / a_sq.clamp_min(1e-30))
+    grad_c = ((M * w.unsqueeze(1)).mT @ G - ((M * u.unsqueeze(1)).mT @ M) @ P) / a
+
+    loss = E * (1.0 - c)
+    grad = (1.0 - c) * grad_E - E * grad_c
+    return loss, grad
+
+
+def projector_sgd_step(
+    G: torch.Tensor,
+    S: torch.Tensor,
+    M: torch.Tensor,
+    P: torch.Tensor,
+    *,
+    lr: float = 0.1,
+    max_grad_norm: float = 1.0,
+    objective: str = "relative",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on P with the gradient norm clipped to ``max_grad_norm`` (as torch's
+    clip_grad_norm_: scale by max_norm / (norm + 1e-6) when norm exceeds it). Returns (P_new, loss)."""
+    loss, grad = projector_loss_and_grad(G, S, M, P, objective=objective)
+    norm = torch.linalg.vector_norm(grad)
+    clip = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+    return P.to(torch.float32) - (lr * clip) * grad, loss
+
+
+def rotation(P_old: torch.Tensor, P_new: torch.Tensor) -> torch.Tensor:
+    """C = P_old P_newᵀ (r×r): moments in the old basis, m (a×r), map to the new one as m C
+    (the projection of m P_old onto the new subspace)."""
+    return P_old.to(torch.float32) @ P_new.to(torch.float32).mT
