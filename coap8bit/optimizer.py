@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from . import distributed as _dist
 from . import functional as Fn
 from . import projection as proj
 from .quant import dequantize_blockwise, num_blocks, quantize_blockwise
@@ -65,6 +66,9 @@ def _state_spec(kind: str, bits: int) -> dict[str, torch.dtype]:
 
 
 _SCALAR_STATE = ("step", "seed_key", "skipped")
+# Which dimension of the moments each projector's rank indexes: a matrix's moments are a×r; a Tucker
+# core is (r0, r1, kh, kw).
+_MOMENT_RANK_DIM = {"proj": 1, "factor0": 0, "factor1": 1}
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -112,9 +116,13 @@ class COAPAdamW(Optimizer):
         seed: base of every random draw (initial sketch, stochastic rounding); identical gradients give
             bit-identical projectors on every process.
         backend: "auto", "torch" or "triton" (fused kernels for the 8-bit low-rank moments).
+        track_quant_error: K > 0 measures quantization error (m, v, P vs the fp32 values they replaced),
+            projector-step survival and subspace drift on every K-th step of each parameter; read it with
+            :meth:`quant_error_report`. 0 (default): off, no cost. See ``accounting.QuantErrorTracker``.
     """
 
     _default_bits = 8
+    _in_backward = None  # the coap8bit.inbackward.InBackward handle while attached
 
     def __init__(
         self,
@@ -149,6 +157,7 @@ class COAPAdamW(Optimizer):
         bf16_stochastic_rounding: bool = True,
         seed: int = 0,
         backend: str = "auto",
+        track_quant_error: int = 0,
     ):
         if amsgrad:
             raise ValueError("amsgrad=True is not supported by coap8bit (low-rank moments have no max state)")
@@ -184,6 +193,12 @@ class COAPAdamW(Optimizer):
         self._warned: set[str] = set()
         self._param_keys: dict[torch.Tensor, int] = {}
         super().__init__(params, defaults)
+        if not isinstance(track_quant_error, int) or track_quant_error < 0:
+            raise ValueError(f"track_quant_error must be an int >= 0 (0 = off, K = every K steps), got "
+                             f"{track_quant_error!r}")
+        self.quant_error_tracker = None
+        if track_quant_error:
+            self._install_quant_error_tracking(track_quant_error)
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict) -> None:
@@ -195,12 +210,58 @@ class COAPAdamW(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _validate_group(group)
+        _dist.reject_deepspeed_partitions(group["params"])
         for p in group["params"]:
             if p.is_sparse:
                 raise ValueError("sparse parameters are not supported")
-            self._param_keys.setdefault(p, len(self._param_keys))
+            # A key stamped by distributed.set_seed_keys (ZeRO: each rank sees a subset of the parameters)
+            # keeps the random streams of a one-process run; else the index in this optimizer.
+            self._param_keys.setdefault(p, getattr(p, _dist.SEED_KEY_ATTR, len(self._param_keys)))
 
     # ------------------------------------------------------------------ public
+    def memory_report(self, names=None):
+        """Optimizer state bytes per parameter and component, counted from the tensors held, with the
+        AdamW fp32 / bf16 and bnb AdamW8bit baselines (``accounting.MemoryReport``; ``print()`` it for a
+        table). ``names``: ``model.named_parameters()`` to label the rows."""
+        from .accounting import memory_report
+
+        return memory_report(self, names)
+
+    def quant_error_report(self, names=None) -> dict:
+        """Per-parameter quantization error and subspace drift (needs ``track_quant_error=K``)."""
+        if self.quant_error_tracker is None:
+            raise RuntimeError("quantization-error tracking is off: construct the optimizer with "
+                               "track_quant_error=K (K >= 1, measure every K-th step)")
+        return self.quant_error_tracker.report(self, names)
+
+    def _install_quant_error_tracking(self, every: int) -> None:
+        """Wrap the two requantization points (moment update, projector store) with measurements.
+        Wrapping this instance, rather than branching inside them, keeps the update code free of
+        accounting and makes tracking cost nothing when it is off."""
+        from .accounting import QuantErrorTracker
+
+        tracker = self.quant_error_tracker = QuantErrorTracker(every)
+        moment_update, store_proj, load_proj = self._moment_update, self._store_proj, self._load_proj
+
+        def tracked_moment_update(S, state, group, step, block_size):
+            before = tracker.moments_before(state, block_size)
+            N = moment_update(S, state, group, step, block_size)
+            if before is not None:
+                tracker.moments_after(before, S, state, group, block_size)
+            return N
+
+        def tracked_store_proj(state, name, P, group, sr_seed):
+            bs = group["block_size"]
+            P_prev = tracker.projector_before(state, name, lambda: load_proj(state, name, bs))
+            P_target = P.detach().to(torch.float32).clone() if P_prev is not None else None
+            store_proj(state, name, P, group, sr_seed)
+            if P_prev is not None:
+                tracker.projector_after(P_prev, P_target, load_proj(state, name, bs).clone(), state, group,
+                                        name)
+
+        self._moment_update = tracked_moment_update
+        self._store_proj = tracked_store_proj
+
     @property
     def skipped_steps(self) -> int:
         """Parameter steps skipped because the gradient (or its projection) was not finite."""
@@ -212,11 +273,30 @@ class COAPAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._in_backward is not None:
+            # Attached params were stepped by their gradient hooks and hold no gradient; this only completes
+            # an accumulation cycle that ended early (e.g. HF Trainer's last, shorter cycle of an epoch).
+            self._in_backward.flush()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     self.step_param(p, p.grad, group)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's, except while attached in-backward (see :meth:`attach`): then a no-op, so a loop that
+        calls it between micro-batches cannot drop the partly accumulated gradients of unprojected params."""
+        if self._in_backward is None:
+            super().zero_grad(set_to_none)
+
+    def attach(self, model: torch.nn.Module | None = None, *, accumulation_steps: int = 1,
+               max_grad_norm: float | None = None):
+        """Step every trainable parameter inside backward, as soon as its gradient is complete, and free
+        the gradient. Returns the handle (``.detach()``, ``.flush()``, context manager). See
+        :func:`coap8bit.inbackward.attach` for accumulation, clipping and what is approximated."""
+        from .inbackward import attach
+
+        return attach(self, model, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm)
 
     def param_kind(self, p: torch.Tensor, group: dict) -> str:
         """Which update rule a parameter gets (a pure function of its shape and the group settings)."""
@@ -253,12 +333,15 @@ class COAPAdamW(Optimizer):
         if done:
             state["step"] = step
         else:
-            state["skipped"] += 1
-            if "nonfinite" not in self._warned:
-                self._warned.add("nonfinite")
-                warnings.warn("coap8bit: non-finite gradient; that parameter's step was skipped and its state "
-                              "left unchanged (count: optimizer.skipped_steps). Warned once.", stacklevel=3)
+            self._count_skipped(state)
         return done
+
+    def _count_skipped(self, state: dict) -> None:
+        state["skipped"] += 1
+        if "nonfinite" not in self._warned:
+            self._warned.add("nonfinite")
+            warnings.warn("coap8bit: non-finite gradient; that parameter's step was skipped and its state "
+                          "left unchanged (count: optimizer.skipped_steps). Warned once.", stacklevel=4)
 
     # ------------------------------------------------------------------ state
     def _init_state(self, p: torch.Tensor, kind: str, group: dict, state: dict) -> None:
@@ -285,8 +368,13 @@ class COAPAdamW(Optimizer):
     def _load_proj(self, state: dict, name: str, block_size: int) -> torch.Tensor:
         if name in state:
             return state[name]
-        return dequantize_blockwise(state[name + "_codes"], state[name + "_absmax"], signed=True,
-                                    block_size=block_size)
+        codes = state[name + "_codes"]
+        dequantize = dequantize_blockwise
+        if self.backend != "torch":  # "auto"/"triton": the dispatcher picks the Triton kernel or this twin
+            from .kernels import dispatch
+
+            dequantize = dispatch.dequantize_blockwise(self.backend, codes.device)
+        return dequantize(codes, state[name + "_absmax"], signed=True, block_size=block_size)
 
     def _store_proj(self, state: dict, name: str, P: torch.Tensor, group: dict, sr_seed: int | None) -> None:
         if name in state:
@@ -295,8 +383,13 @@ class COAPAdamW(Optimizer):
         noise = None
         if sr_seed is not None:
             noise = proj.seeded_uniform(tuple(P.shape), sr_seed, P.device)
-        quantize_blockwise(P, signed=True, block_size=group["block_size"], out_codes=state[name + "_codes"],
-                           out_absmax=state[name + "_absmax"], noise=noise)
+        quantize = quantize_blockwise
+        if self.backend != "torch":  # "auto"/"triton": the dispatcher picks the Triton kernel or this twin
+            from .kernels import dispatch
+
+            quantize = dispatch.quantize_blockwise(self.backend, P.device)
+        quantize(P, signed=True, block_size=group["block_size"], out_codes=state[name + "_codes"],
+                 out_absmax=state[name + "_absmax"], noise=noise)
 
     # ------------------------------------------------------------------ update rules
     def _moment_update(self, S: torch.Tensor, state: dict, group: dict, step: int, block_size: int) -> torch.Tensor:
@@ -309,18 +402,23 @@ class COAPAdamW(Optimizer):
                       state["exp_avg_sq_absmax"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
                       block_size=block_size)
 
-    def _rotate_moments(self, state: dict, C: torch.Tensor, group: dict) -> None:
-        """m <- m C, v <- v (C∘C): moments re-expressed in the new projector's basis."""
+    def _rotate_moments(self, state: dict, C: torch.Tensor, group: dict, dim: int = 1) -> None:
+        """m <- m C, v <- v (C∘C) along the moments' rank dimension ``dim`` (1 for a matrix's a×r
+        moments, 0 or 1 for a Tucker core): the moments re-expressed in the new projector's basis."""
+
+        def along(t: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+            return (t.movedim(dim, -1) @ R).movedim(-1, dim)
+
         bs = group["block_size"]
         if "exp_avg" in state:
-            state["exp_avg"].copy_(state["exp_avg"] @ C)
-            state["exp_avg_sq"].copy_(state["exp_avg_sq"] @ (C * C))
+            state["exp_avg"].copy_(along(state["exp_avg"], C))
+            state["exp_avg_sq"].copy_(along(state["exp_avg_sq"], C * C))
             return
         m = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True, block_size=bs)
         v = dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False, block_size=bs)
-        quantize_blockwise(m @ C, signed=True, block_size=bs, out_codes=state["exp_avg_codes"],
+        quantize_blockwise(along(m, C), signed=True, block_size=bs, out_codes=state["exp_avg_codes"],
                            out_absmax=state["exp_avg_absmax"])
-        quantize_blockwise((v @ (C * C)).clamp_min_(0.0), signed=False, block_size=bs,
+        quantize_blockwise(along(v, C * C).clamp_min_(0.0), signed=False, block_size=bs,
                            out_codes=state["exp_avg_sq_codes"], out_absmax=state["exp_avg_sq_absmax"])
 
     def _first_moment(self, state: dict, group: dict) -> torch.Tensor:
@@ -343,7 +441,7 @@ class COAPAdamW(Optimizer):
             omega = proj.seeded_normal((G.shape[1], rank), self._seed(state, 0, _SEED_INIT), G.device)
             P_new = proj.range_finder(G, G.to(torch.float32) @ omega, rank, group["power_iters"])
             self._store_proj(state, name, P_new, group, sr_seed=None)
-            return P_new
+            return self._load_proj(state, name, group["block_size"])  # as stored: every step uses this P
         if (step - 1) % T_u != 0:
             return None
         P_old = self._load_proj(state, name, group["block_size"])
@@ -362,7 +460,7 @@ class COAPAdamW(Optimizer):
         self._store_proj(state, name, P_new, group, sr_seed)
         P_stored = self._load_proj(state, name, group["block_size"])
         if group["rotate_moments"]:
-            self._rotate_moments(state, proj.rotation(P_old, P_stored), group)
+            self._rotate_moments(state, proj.rotation(P_old, P_stored), group, dim=_MOMENT_RANK_DIM[name])
         return P_stored
 
     def _param_sr_seed(self, p: torch.Tensor, group: dict, state: dict, step: int) -> int | None:
@@ -469,6 +567,14 @@ class COAPAdamW(Optimizer):
         device but never cast, and validate keys, dtypes and shapes against the parameter layout."""
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            # Group settings are restored from the checkpoint (torch.optim semantics), but the state width
+            # is what distinguishes AdamW8bit from AdamW: refuse to turn one into the other silently.
+            if saved_group.get("optim_bits", group["optim_bits"]) != group["optim_bits"]:
+                raise ValueError(
+                    f"state dict was saved with optim_bits={saved_group.get('optim_bits')} but this optimizer "
+                    f"uses optim_bits={group['optim_bits']} (AdamW8bit and AdamW state are not interchangeable; "
+                    "keys differ)")
         super().load_state_dict(state_dict)
         id_to_param = {
             saved_id: p
@@ -564,6 +670,14 @@ def _expected_shapes(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple
         add("exp_avg", p.shape, b, 256)
         add("exp_avg_sq", p.shape, b, 256)
     return shapes
+
+
+def _expected_state(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every state tensor a parameter of this kind holds after its first step: key -> (shape, dtype).
+    The accounting/planner predicts memory from it, so prediction and allocation share one rule."""
+    bits = group["optim_bits"] if kind in ("matrix", "tucker") else (8 if kind == "dense8" else 32)
+    shapes = _expected_shapes(p, kind, group)
+    return {key: (shapes[key], dtype) for key, dtype in _state_spec(kind, bits).items()}
 
 
 def _validate_param_state(p: torch.Tensor, state: dict, kind: str, group: dict) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+from typing import Callable
 
 import torch
 
@@ -95,7 +96,13 @@ def seeded_uniform(shape: tuple[int, ...], seed: int, device: torch.device) -> t
 
 
 def range_finder(
-    G: torch.Tensor, Y: torch.Tensor, rank: int, power_iters: int = 0
+    G: torch.Tensor,
+    Y: torch.Tensor,
+    rank: int,
+    power_iters: int = 0,
+    *,
+    orthonormalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    all_reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Top-``rank`` right singular subspace of G (a×b) from a sketch Y = G Ω (a×k), as P (rank×b)
     with orthonormal rows.
@@ -104,13 +111,20 @@ def range_finder(
     rounds of Q <- qr(G qr(Gᵀ Q)), then B = Qᵀ G (k×b), SVD(B) = U Σ Vᵀ, P = Vᵀ[:rank].
     COAP warm-starts it with Ω = P_oldᵀ, so Y = G P_oldᵀ is the low-rank gradient the step computes
     anyway; at the first step Ω is a seeded Gaussian. Cost: O(a·b·k) per pass over G.
+
+    Row-sharded G (each process holds some rows of G and of Y; see ``coap8bit.distributed``): pass
+    ``orthonormalize`` (a distributed QR of the row-sharded Y returning this process's rows of Q) and
+    ``all_reduce`` (sums a list of tensors over processes). Qᵀ G and Gᵀ Q are then sums over row blocks
+    (k×b, b×k), the SVD is replicated. With both None (one process) the computation is the plain one.
     """
     G = G.to(torch.float32)
-    Q = torch.linalg.qr(Y.to(torch.float32)).Q
+    qr_rows = orthonormalize if orthonormalize is not None else (lambda X: torch.linalg.qr(X).Q)
+    row_sum = all_reduce if all_reduce is not None else (lambda xs: xs)
+    Q = qr_rows(Y.to(torch.float32))
     for _ in range(power_iters):
-        Z = torch.linalg.qr(G.mT @ Q).Q
-        Q = torch.linalg.qr(G @ Z).Q
-    B = Q.mT @ G
+        Z = torch.linalg.qr(row_sum([G.mT @ Q])[0]).Q
+        Q = qr_rows(G @ Z)
+    B = row_sum([Q.mT @ G])[0]
     Vh = torch.linalg.svd(B, full_matrices=False).Vh
     return Vh[:rank].contiguous()
 
@@ -131,6 +145,8 @@ def projector_loss_and_grad(
     P: torch.Tensor,
     objective: str = "relative",
     cos_eps: float = 1e-8,
+    *,
+    all_reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """COAP's projector objective L = E · (1 − c) and its gradient dL/dP, in closed form.
 
@@ -145,6 +161,11 @@ def projector_loss_and_grad(
     gradient is ~‖G‖²/(ab), far below the clip, so the step barely moves P). ``"relative"`` uses
     Z = ‖G‖², which makes L invariant to the gradient's scale. Cost O(a·b·r); no a×b temporary beyond
     one fp32 copy of G. Cosines follow torch.cosine_similarity: denominator max(‖A_i‖‖G_i‖, eps).
+
+    Row-sharded G, S, M (each process holds some rows; P replicated): pass ``all_reduce`` (sums a list of
+    tensors over processes). Every term that sums over rows — SᵀG, SᵀS (r×b, r×r), ‖G‖², Σ cos_i, the
+    row count, Mᵀdiag(w)G, Mᵀdiag(u)M — is a local partial sum reduced in one packed collective; the
+    per-row quantities (cos_i, w_i, u_i) need only local rows. None (one process) = the plain math.
     """
     G = G.to(torch.float32)
     S = S.to(torch.float32)
@@ -152,19 +173,13 @@ def projector_loss_and_grad(
     P = P.to(torch.float32)
     a, b = G.shape
 
+    if objective not in ("reference", "relative"):
+        raise ValueError(f"proj_objective must be 'relative' or 'reference', got {objective!r}")
     SG = S.mT @ G  # r×b, the O(a·b·r) term
     PPt = P @ P.mT  # r×r
     StS = S.mT @ S  # r×r
     g_sq = (G * G).sum(dim=1)  # ‖G_i‖², a
     g_total = g_sq.sum()
-    if objective == "reference":
-        Z = torch.tensor(float(a * b), dtype=torch.float32, device=G.device)
-    elif objective == "relative":
-        Z = g_total.clamp_min(torch.finfo(torch.float32).tiny)
-    else:
-        raise ValueError(f"proj_objective must be 'relative' or 'reference', got {objective!r}")
-    E = ((g_total - 2.0 * (P * SG).sum() + (StS * PPt).sum()) / Z).clamp_min(0.0)
-    grad_E = (2.0 / Z) * (PPt @ SG + StS @ P - 2.0 * SG)
 
     dots = (M * S).sum(dim=1)  # ⟨A_i, G_i⟩
     a_sq = ((M @ PPt) * M).sum(dim=1).clamp_min(0.0)  # ‖A_i‖²
@@ -173,10 +188,24 @@ def projector_loss_and_grad(
     clamped = denom <= cos_eps
     denom = torch.where(clamped, torch.full_like(denom, cos_eps), denom)
     cos = dots / denom
-    c = cos.mean()
     w = 1.0 / denom
     u = torch.where(clamped | (a_sq == 0), torch.zeros_like(cos), cos / a_sq.clamp_min(1e-30))
-    grad_c = ((M * w.unsqueeze(1)).mT @ G - ((M * u.unsqueeze(1)).mT @ M) @ P) / a
+    MwG = (M * w.unsqueeze(1)).mT @ G  # r×b
+    MuM = (M * u.unsqueeze(1)).mT @ M  # r×r
+    if all_reduce is None:
+        c = cos.mean()
+    else:  # sums over all rows of the sharded G; a becomes the global row count
+        rows = torch.tensor(float(a), dtype=torch.float32, device=G.device)
+        SG, StS, g_total, cos_sum, MwG, MuM, rows = all_reduce([SG, StS, g_total, cos.sum(), MwG, MuM, rows])
+        a = int(rows.item())
+        c = cos_sum / a
+    if objective == "reference":
+        Z = torch.tensor(float(a * b), dtype=torch.float32, device=G.device)
+    else:
+        Z = g_total.clamp_min(torch.finfo(torch.float32).tiny)
+    E = ((g_total - 2.0 * (P * SG).sum() + (StS * PPt).sum()) / Z).clamp_min(0.0)
+    grad_E = (2.0 / Z) * (PPt @ SG + StS @ P - 2.0 * SG)
+    grad_c = (MwG - MuM @ P) / a
 
     loss = E * (1.0 - c)
     grad = (1.0 - c) * grad_E - E * grad_c
@@ -192,10 +221,12 @@ def projector_sgd_step(
     lr: float = 0.1,
     max_grad_norm: float = 1.0,
     objective: str = "relative",
+    all_reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on P with the gradient norm clipped to ``max_grad_norm`` (as torch's
-    clip_grad_norm_: scale by max_norm / (norm + 1e-6) when norm exceeds it). Returns (P_new, loss)."""
-    loss, grad = projector_loss_and_grad(G, S, M, P, objective=objective)
+    clip_grad_norm_: scale by max_norm / (norm + 1e-6) when norm exceeds it). Returns (P_new, loss).
+    ``all_reduce``: row-sharded G, S, M (see projector_loss_and_grad); the gradient is then replicated."""
+    loss, grad = projector_loss_and_grad(G, S, M, P, objective=objective, all_reduce=all_reduce)
     norm = torch.linalg.vector_norm(grad)
     clip = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
     return P.to(torch.float32) - (lr * clip) * grad, loss

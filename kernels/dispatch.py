@@ -1,0 +1,93 @@
+"""Choose, per call site, between a Triton kernel and its pure-PyTorch twin.
+
+``backend="auto"``: Triton for CUDA tensors, PyTorch otherwise. ``backend="triton"``: Triton on CUDA; on
+CPU tensors only through Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU test suite runs the
+kernels), otherwise a RuntimeError saying how to enable it. ``backend="torch"``: always PyTorch.
+
+Triton is imported lazily, only when a kernel is selected, so the torch path never needs it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from .. import functional as Fn
+from .. import quant as Q
+
+__all__ = ["BACKENDS", "use_triton", "moment_update_8bit", "quantize_blockwise", "dequantize_blockwise"]
+
+BACKENDS = ("auto", "torch", "triton")
+_TRUE = ("1", "true", "yes", "on")  # the values Triton's own TRITON_INTERPRET knob reads as set
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
+
+
+def use_triton(backend: str, device: torch.device | str) -> bool:
+    """Whether ``backend`` runs the Triton kernels for tensors on ``device``; raises when it asks for
+    Triton where Triton cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "torch":
+        return False
+    if device.type == "cuda":
+        return True
+    if backend == "auto":
+        return False
+    if device.type != "cpu":
+        raise RuntimeError(f"backend='triton' supports CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), "
+                           f"got tensors on {device}; use backend='auto' or 'torch'")
+    if not _interpret_requested():
+        raise RuntimeError(
+            "backend='triton' got CPU tensors: Triton kernels run on CPU only through Triton's interpreter. "
+            "Set the environment variable TRITON_INTERPRET=1 before Python starts (slow, for testing), move "
+            "the model to a CUDA device, or use backend='auto' / 'torch'."
+        )
+    return True
+
+
+def _kernel_module(name: str):
+    """Import kernels.<name>; under the interpreter, check its kernels were built interpreted (Triton
+    decides when a @triton.jit function is defined, i.e. when this module is first imported)."""
+    if name == "moments":
+        from . import moments as module
+    else:
+        from . import quant as module
+    if _interpret_requested():
+        from triton.runtime.interpreter import InterpretedFunction
+
+        kernel = module._moment_update_8bit_kernel if name == "moments" else module._quantize_blockwise_kernel
+        if not isinstance(kernel, InterpretedFunction):
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 was set after coap8bit's Triton kernels were first imported, so they were "
+                "compiled for a GPU; set it before Python starts."
+            )
+    return module
+
+
+def moment_update_8bit(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """The fused 8-bit Adam moment update for ``backend`` on ``device`` (signature of
+    :func:`coap8bit.functional.moment_update_8bit`)."""
+    if not use_triton(backend, device):
+        return Fn.moment_update_8bit
+    return _kernel_module("moments").moment_update_8bit
+
+
+def quantize_blockwise(backend: str, device: torch.device | str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Blockwise 8-bit quantizer for ``backend`` on ``device`` (signature of
+    :func:`coap8bit.quant.quantize_blockwise`)."""
+    if not use_triton(backend, device):
+        return Q.quantize_blockwise
+    return _kernel_module("quant").quantize_blockwise
+
+
+def dequantize_blockwise(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """Blockwise 8-bit dequantizer for ``backend`` on ``device`` (signature of
+    :func:`coap8bit.quant.dequantize_blockwise`)."""
+    if not use_triton(backend, device):
+        return Q.dequantize_blockwise
+    return _kernel_module("quant").dequantize_blockwise
