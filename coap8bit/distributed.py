@@ -47,7 +47,11 @@ Left projection of a dim-0-sharded weight (rows < cols; canonical G = Wᵀ is a�
 sharded, so P's columns are sharded): S = G Pᵀ = Σ_i G_i P_iᵀ must be all-reduced (a×r, moment-sized);
 moments are then replicated. Range finder: Y = Σ_i G_i Ω_i (all-reduce a×r), Q replicated, B_i = Qᵀ G_i
 column blocks all-gathered to r×b (projector-sized). SGD step: SᵀG and Mᵀdiag(w)G are column blocks
-(all-gather r×b), ‖G_j‖² row norms are all-reduced (a). Not wired into the optimizer yet (see report).
+(all-gather r×b), ‖G_j‖² row norms are all-reduced (a).
+
+Status: the row-sharded math above is implemented and tested (``RowShardComm``); the optimizer's
+step on FSDP2 DTensor shards and DCP checkpoints of its state are not wired yet, so DTensor parameters
+raise a clear error (:func:`reject_dtensor`).
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ __all__ = [
     "set_seed_keys",
     "reject_deepspeed_partitions",
     "RowShardComm",
+    "reject_dtensor",
 ]
 
 SEED_KEY_ATTR = "_coap8bit_seed_key"
@@ -96,6 +101,23 @@ def reject_deepspeed_partitions(params: Iterable[torch.Tensor]) -> None:
                 "ZeRO-1 state sharding, or FSDP2 (torch.distributed.fsdp.fully_shard). Or pass DeepSpeed's "
                 "engine no client optimizer and let it use its own."
             )
+
+
+def reject_dtensor(p: torch.Tensor) -> None:
+    """Raise a clear error for DTensor (FSDP2 / tensor-parallel) parameters, which the optimizer's step does
+    not handle yet: the row-sharded projector math is here (RowShardComm + the hooks of ``projection``), but
+    the optimizer does not yet run its step on local shards nor save its state as DTensors for
+    ``torch.distributed.checkpoint``. Without this check a DTensor would fail deep inside a matmul."""
+    if not dist.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        raise NotImplementedError(
+            f"coap8bit does not support DTensor parameters yet (shape {tuple(p.shape)}, placements "
+            f"{p.placements}), e.g. FSDP2 fully_shard: use DDP, or ZeroRedundancyOptimizer(optimizer_class="
+            "coap8bit.AdamW8bit) to shard the optimizer state across ranks."
+        )
 
 
 class RowShardComm:

@@ -79,6 +79,21 @@ def test_plain_flat_param_accepted():
     assert opt.param_kind(p, opt.param_groups[0]) == "dense8"
 
 
+def _dtensor_body(rank, world, tmpdir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    p = torch.nn.Parameter(distribute_tensor(torch.zeros(64, 32), mesh, [Shard(0)]))
+    with pytest.raises(NotImplementedError, match=r"DTensor.*ZeroRedundancyOptimizer"):
+        coap8bit.AdamW8bit([p])
+
+
+def test_dtensor_params_rejected_clearly(tmp_path):
+    # FSDP2's step on local shards is not wired yet (see coap8bit.distributed): a clear error at construction.
+    _spawn(_dtensor_body, tmp_path, world=1)
+
+
 # ---------------------------------------------------------------------------------------------- sharded math
 # (a, b, r, row split): uneven splits, including a shard with fewer rows than r and an empty shard.
 SHARD_CASES = [(37, 23, 5, (20, 17)), (64, 16, 4, (62, 2)), (40, 24, 6, (40, 0)), (96, 48, 8, (48, 48))]
@@ -168,44 +183,54 @@ def _local_half(step, rank, world):
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
-def _ddp_body(rank, world, tmpdir, opt_name):
+def _ddp_body(rank, world, tmpdir, opt_names):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(_model())
-    opt = getattr(coap8bit, opt_name)(model.parameters(), **OPT_KW)
-    for step in range(STEPS):
-        opt.zero_grad()
-        _loss(model, *_local_half(step, rank, world)).backward()  # DDP averages the two halves' gradients
-        opt.step()
-    torch.save([p.detach() for p in model.parameters()], os.path.join(tmpdir, f"ddp{rank}.pt"))
+    for opt_name in opt_names:  # one spawn for both optimizers: process start-up dominates the test time
+        model = DDP(_model())
+        opt = getattr(coap8bit, opt_name)(model.parameters(), **OPT_KW)
+        # Different global RNG state per rank: were the optimizer to draw from it, the ranks would diverge.
+        torch.manual_seed(1234 + rank)
+        for step in range(STEPS):
+            opt.zero_grad()
+            _loss(model, *_local_half(step, rank, world)).backward()  # DDP averages the halves' gradients
+            opt.step()
+        torch.save([p.detach() for p in model.parameters()], os.path.join(tmpdir, f"ddp_{opt_name}{rank}.pt"))
 
 
 # Tolerances vs one process (gradients differ only by fp32 reduction order, ~1e-7 relative):
-#  fp32 AdamW: rounding grows through 12 Adam steps and 6 projector refreshes; 1e-4 absolute on weights
-#    of size ~0.1-1 is ~1000x the observed drift yet far below one step's change (lr = 1e-2).
+#  fp32 AdamW: rounding grows through 12 Adam steps and 6 projector refreshes; observed max drift 1.8e-7
+#    (2026-11-23, CPU); 1e-5 absolute leaves 50x margin and is far below one step's change (lr = 1e-2).
 #  8-bit: a rounding difference can flip an 8-bit moment or projector code (one code step, ~1% of the block
-#    absmax), which moves a weight by a fraction of one lr-sized step; bound 0.2 lr per weight.
-DDP_TOL = {"AdamW": 1e-4, "AdamW8bit": 0.2 * OPT_KW["lr"]}
+#    absmax), which moves a weight by a fraction of one lr-sized step; bound 0.2 lr per weight (observed
+#    1.5e-7: no flip on this run, but the bound must hold for any flip).
+DDP_TOL = {"AdamW": 1e-5, "AdamW8bit": 0.2 * OPT_KW["lr"]}
 
 
-@pytest.mark.parametrize("opt_name", ["AdamW", "AdamW8bit"])
-def test_ddp_ranks_bitwise_equal_and_match_single_process(tmp_path, opt_name):
+def test_ddp_ranks_bitwise_equal_and_match_single_process(tmp_path):
     torch.set_num_threads(1)
-    _spawn(_ddp_body, tmp_path, opt_name)
-    p0, p1 = torch.load(tmp_path / "ddp0.pt"), torch.load(tmp_path / "ddp1.pt")
-    for a, b in zip(p0, p1):
-        assert torch.equal(a, b)  # identical all-reduced gradients -> identical projectors and weights
-    single = _train_single(getattr(coap8bit, opt_name))
+    _spawn(_ddp_body, tmp_path, tuple(DDP_TOL))
     initial = [p.detach() for p in _model().parameters()]
-    for d, s, w0 in zip(p0, single, initial):
-        assert not torch.equal(s, w0)  # the weights did train
-        torch.testing.assert_close(d, s, atol=DDP_TOL[opt_name], rtol=0)
+    for opt_name, tol in DDP_TOL.items():
+        p0, p1 = (torch.load(tmp_path / f"ddp_{opt_name}{r}.pt") for r in range(WORLD))
+        for a, b in zip(p0, p1):
+            assert torch.equal(a, b), opt_name  # identical all-reduced gradients -> identical weights
+        single = _train_single(getattr(coap8bit, opt_name))
+        print(f"DDP {opt_name}: max |w_ddp - w_single| {max((d - s).abs().max().item() for d, s in zip(p0, single))}")
+        for d, s, w0 in zip(p0, single, initial):
+            assert (s - w0).abs().max() > 10 * tol, opt_name  # the weights did train, well beyond tol
+            torch.testing.assert_close(d, s, atol=tol, rtol=0, msg=lambda m: f"{opt_name}: {m}")
 
 
 RESUME_AT = 6
 
 
-def _zero_body(rank, world, tmpdir, seed_keys):
+def _zero_body(rank, world, tmpdir, seed_keys_modes):
+    for seed_keys in seed_keys_modes:  # one spawn for both modes
+        _zero_run(rank, world, tmpdir, seed_keys)
+
+
+def _zero_run(rank, world, tmpdir, seed_keys):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -224,12 +249,12 @@ def _zero_body(rank, world, tmpdir, seed_keys):
     ddp, opt = DDP(model), build(model)
     train(ddp, opt, range(RESUME_AT))
     opt.consolidate_state_dict(to=0)
-    ckpt = os.path.join(tmpdir, "zero_ckpt.pt")
+    ckpt = os.path.join(tmpdir, f"zero_ckpt_{seed_keys}.pt")
     if rank == 0:
         torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, ckpt)
     torch.distributed.barrier()
     train(ddp, opt, range(RESUME_AT, STEPS))
-    torch.save([p.detach() for p in model.parameters()], os.path.join(tmpdir, f"zero_run{rank}.pt"))
+    torch.save([p.detach() for p in model.parameters()], os.path.join(tmpdir, f"zero_run_{seed_keys}{rank}.pt"))
 
     # Resume from the checkpoint (every rank loads the consolidated dict; weights_only as HF Trainer does).
     saved = torch.load(ckpt, weights_only=True)
@@ -238,20 +263,25 @@ def _zero_body(rank, world, tmpdir, seed_keys):
     ddp2, opt2 = DDP(model2), build(model2)
     opt2.load_state_dict(saved["optim"])
     train(ddp2, opt2, range(RESUME_AT, STEPS))
-    torch.save([p.detach() for p in model2.parameters()], os.path.join(tmpdir, f"zero_resumed{rank}.pt"))
+    torch.save([p.detach() for p in model2.parameters()], os.path.join(tmpdir, f"zero_resumed_{seed_keys}{rank}.pt"))
 
 
-@pytest.mark.parametrize("seed_keys", [True, False])
-def test_zero_redundancy_optimizer_trains_and_resumes(tmp_path, seed_keys):
+def test_zero_redundancy_optimizer_trains_and_resumes(tmp_path):
     torch.set_num_threads(1)
-    _spawn(_zero_body, tmp_path, seed_keys)
-    run = [torch.load(tmp_path / f"zero_run{r}.pt") for r in range(WORLD)]
-    resumed = [torch.load(tmp_path / f"zero_resumed{r}.pt") for r in range(WORLD)]
+    _spawn(_zero_body, tmp_path, (True, False))
+    single = _train_single(coap8bit.AdamW8bit, seed_keys=True)
+    for seed_keys in (True, False):
+        _check_zero_run(tmp_path, seed_keys, single)
+
+
+def _check_zero_run(tmp_path, seed_keys, single):
+    run = [torch.load(tmp_path / f"zero_run_{seed_keys}{r}.pt") for r in range(WORLD)]
+    resumed = [torch.load(tmp_path / f"zero_resumed_{seed_keys}{r}.pt") for r in range(WORLD)]
     for a, b, c in zip(run[0], run[1], resumed[0]):
         assert torch.equal(a, b)  # ZeRO broadcasts each partition's update: ranks agree exactly
         assert torch.equal(a, c)  # resume from the consolidated checkpoint is exact
-    single = _train_single(coap8bit.AdamW8bit, seed_keys=True)
     diffs = [(a - s).abs().max().item() for a, s in zip(run[0], single)]
+    print(f"ZeRO seed_keys={seed_keys}: max |w_zero - w_single| per parameter {diffs}")
     if seed_keys:
         # Same random streams as one process: only reduction order differs (tolerance as DDP's, 8-bit).
         assert max(diffs) <= DDP_TOL["AdamW8bit"], diffs

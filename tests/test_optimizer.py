@@ -315,8 +315,8 @@ def test_rotate_moments_expresses_moment_in_new_basis():
 # ------------------------------------------------------------------------------------------ training
 def test_short_training_run_reaches_stated_loss():
     """TinyLlama (dim 64, 2 layers) on the bundled docs corpus, 120 steps of AdamW8bit with every
-    matrix projected at rank_ratio 4: validation loss must drop from ln(256) = 5.55 to below 2.9 nats
-    (measured 2.70 on this machine; uniform-over-seen-bytes is ~4.5, a unigram model ~3.3)."""
+    matrix projected at rank_ratio 4: validation loss must drop from ln(256) = 5.55 to below 2.6 nats
+    (measured 2.31 on the 2-core CI machine; a byte-unigram model scores about 3.3)."""
     torch.manual_seed(0)
     cfg = TinyLlamaConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=176, max_seq_len=64)
     model = TinyLlama(cfg)
@@ -332,4 +332,4 @@ def test_short_training_run_reaches_stated_loss():
         loss.backward()
         opt.step()
     val_loss = evaluate(model, val, seq_len=64, batches=4)
-    assert val_loss < 2.9
+    assert val_loss < 2.6

@@ -1,0 +1,154 @@
+"""``python -m coap8bit demo``: train one small LLaMA-style byte-level LM three times on the same real text,
+same initial weights and same batches — coap8bit.AdamW8bit, bitsandbytes AdamW8bit, torch AdamW — and
+print validation loss, optimizer-state bytes per parameter (counted from the tensors each optimizer holds)
+and step time for each; write a PNG loss plot.
+
+The text is CPython's bundled documentation (``pydoc_data``), so it runs offline on any machine. On CPU
+the step times are only comparisons on this machine, not GPU speed figures.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .accounting import state_bytes
+from .lm import TinyLlama, TinyLlamaConfig, evaluate, sample_batch, split_corpus, text_corpus
+
+OPTIMIZERS = ("coap8bit", "bnb8bit", "adamw")
+STYLES = {"coap8bit": "-", "bnb8bit": "--", "adamw": ":"}  # bnb and AdamW curves nearly coincide
+
+
+def build_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if name == "coap8bit":
+        import coap8bit
+
+        return coap8bit.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay, rank_ratio=args.rank_ratio,
+                                  update_interval=args.update_interval)
+    if name == "bnb8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    raise ValueError(f"--optimizers: unknown optimizer {name!r} (allowed: {', '.join(OPTIMIZERS)})")
+
+
+def train_one(name: str, args, device: torch.device, train: torch.Tensor, val: torch.Tensor) -> dict:
+    torch.manual_seed(args.seed)
+    cfg = TinyLlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, ffn_dim=args.ffn_dim,
+                          max_seq_len=args.seq_len)
+    model = TinyLlama(cfg).to(device)
+    opt = build_optimizer(name, model, args)
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(args.seed)
+    curve, step_times, opt_times = [], [], []
+    for step in range(1, args.steps + 1):
+        x, y = sample_batch(train, args.batch_size, args.seq_len, gen)
+        x, y = x.to(device), y.to(device)
+        t0 = time.perf_counter()
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        step_times.append(t2 - t0)
+        opt_times.append(t2 - t1)
+        curve.append(float(loss))
+        if step % args.log_every == 0 or step == args.steps:
+            print(f"  [{name:>8}] step {step:4d}/{args.steps}  train loss {sum(curve[-args.log_every:]) / len(curve[-args.log_every:]):.3f}",
+                  flush=True)
+    skip = min(10, len(step_times) // 2)  # first steps include allocation and warm-up
+    return {
+        "name": name,
+        "curve": curve,
+        "val_loss": evaluate(model, val.to(device) if device.type == "cuda" else val, seq_len=args.seq_len),
+        "state_bytes": state_bytes(opt),
+        "bytes_per_param": state_bytes(opt) / n_params,
+        "n_params": n_params,
+        "step_ms": 1e3 * sum(step_times[skip:]) / len(step_times[skip:]),
+        "opt_ms": 1e3 * sum(opt_times[skip:]) / len(opt_times[skip:]),
+    }
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        k = 10
+        smooth = [sum(r["curve"][max(0, i - k + 1): i + 1]) / len(r["curve"][max(0, i - k + 1): i + 1])
+                  for i in range(len(r["curve"]))]
+        ax.plot(range(1, len(smooth) + 1), smooth, linestyle=STYLES.get(r["name"], "-"),
+                label=f"{r['name']}  (val {r['val_loss']:.3f}, {r['bytes_per_param']:.2f} B/param state)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats/byte, 10-step mean)")
+    ax.set_title("TinyLlama on CPython docs: coap8bit vs bnb AdamW8bit vs torch AdamW")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m coap8bit demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {OPTIMIZERS}")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--rank-ratio", type=float, default=4.0)
+    ap.add_argument("--update-interval", type=int, default=40)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--ffn-dim", type=int, default=352)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=96)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    ap.add_argument("--plot", default="coap8bit_demo.png", help="PNG path for the loss plot ('' to skip)")
+    args = ap.parse_args(argv)
+    for name, value, lo in (("--steps", args.steps, 2), ("--batch-size", args.batch_size, 1),
+                            ("--seq-len", args.seq_len, 2), ("--log-every", args.log_every, 1)):
+        if value < lo:
+            ap.error(f"{name} must be >= {lo}, got {value}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    for n in names:
+        if n not in OPTIMIZERS:
+            ap.error(f"--optimizers: unknown optimizer {n!r} (allowed: {', '.join(OPTIMIZERS)})")
+
+    train, val = split_corpus(text_corpus())
+    print(f"coap8bit demo: TinyLlama dim {args.dim}, {args.layers} layers, byte-level, on CPython's docs "
+          f"({len(train) / 1e3:.0f} KB train / {len(val) / 1e3:.0f} KB val), {args.steps} steps, "
+          f"batch {args.batch_size}x{args.seq_len}, device {device}")
+    results = [train_one(n, args, device, train, val) for n in names]
+
+    base = next((r for r in results if r["name"] == "bnb8bit"), None)
+    print()
+    print(f"{'optimizer':<10} {'val loss':>9} {'state B/param':>14} {'state KiB':>10} {'step ms':>9} {'opt.step ms':>12}"
+          + (f" {'state vs bnb':>13}" if base else ""))
+    for r in results:
+        line = (f"{r['name']:<10} {r['val_loss']:>9.4f} {r['bytes_per_param']:>14.3f} {r['state_bytes'] / 1024:>10.1f} "
+                f"{r['step_ms']:>9.1f} {r['opt_ms']:>12.2f}")
+        if base:
+            line += f" {r['state_bytes'] / base['state_bytes']:>12.1%}"
+        print(line)
+    if device.type == "cpu":
+        print("(CPU timings: relative figures on this machine only, not GPU speed)")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"loss plot written to {args.plot}")
+    return 0
