@@ -309,8 +309,8 @@ class QuantErrorTracker:
         re-projection). For projector SGD steps additionally "proj_step_kept" = ‖deq(q(P−lr∇)) − P_deq‖ /
         ‖lr∇‖ (1 = the step fully applied, 0 = lost below the code resolution; stochastic rounding keeps it
         in expectation but adds noise, which shows as values > 1) and "proj_step_cos" = cosine between the
-        applied and the intended step. Projector measurements happen whenever P changes on a measured
-        step (always at least the re-projections when K divides their period).
+        applied and the intended step. P is measured at every change (once per update_interval steps),
+        whatever K: its changes are rare and cost O(r·b) plus an r×b SVD for the angles.
       - subspace drift: principal angles (scipy.linalg.subspace_angles) between the projector before and
         after each change, recorded as the largest and mean angle in degrees, per event type.
     Nothing runs on unmeasured steps beyond one integer test; with ``track_quant_error=0`` (default) the
@@ -360,8 +360,8 @@ class QuantErrorTracker:
 
     # -- projector
     def projector_before(self, state: dict, name: str, load) -> torch.Tensor | None:
-        if not self.due(state):
-            return None
+        # Every projector change is measured, not only those on every K-th step: changes happen once per
+        # update_interval steps (so K would rarely coincide with them) and cost O(r·b) plus an SVD of r×b.
         if state.get("step", 0) == 0:
             return torch.empty(0)  # initial projector: no previous one
         return load().clone()

@@ -214,6 +214,7 @@ class COAPAdamW(Optimizer):
         for p in group["params"]:
             if p.is_sparse:
                 raise ValueError("sparse parameters are not supported")
+            _dist.reject_dtensor(p)
             # A key stamped by distributed.set_seed_keys (ZeRO: each rank sees a subset of the parameters)
             # keeps the random streams of a one-process run; else the index in this optimizer.
             self._param_keys.setdefault(p, getattr(p, _dist.SEED_KEY_ATTR, len(self._param_keys)))
