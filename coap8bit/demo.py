@@ -61,7 +61,7 @@ def train_one(name: str, args, device: torch.device, train: torch.Tensor, val: t
         t2 = time.perf_counter()
         step_times.append(t2 - t0)
         opt_times.append(t2 - t1)
-        curve.append(float(loss))
+        curve.append(float(loss.detach()))
         if step % args.log_every == 0 or step == args.steps:
             print(f"  [{name:>8}] step {step:4d}/{args.steps}  train loss {sum(curve[-args.log_every:]) / len(curve[-args.log_every:]):.3f}",
                   flush=True)
@@ -99,7 +99,7 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m coap8bit demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     ap.add_argument("--plot", default="coap8bit_demo.png", help="PNG path for the loss plot ('' to skip)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     for name, value, lo in (("--steps", args.steps, 2), ("--batch-size", args.batch_size, 1),
                             ("--seq-len", args.seq_len, 2), ("--log-every", args.log_every, 1)):

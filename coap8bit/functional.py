@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import projection
+from .projection import row_blocks
 from .quant import dequantize_blockwise, quantize_blockwise
 
 __all__ = [
@@ -74,20 +76,32 @@ def moment_update_8bit(
     return N
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int) -> torch.Tensor:
+def stochastic_round_(
+    dst: torch.Tensor, src: torch.Tensor, seed: int | None = None, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Copy fp32 ``src`` into bf16 ``dst`` with stochastic rounding: add uniform random bits below
     bf16's mantissa to the fp32 bit pattern, then truncate. E[dst] = src, so many updates smaller than
     half a bf16 ulp still move the weight in expectation (round-to-nearest would drop them all).
-    Randomness comes from a generator seeded with ``seed`` on dst's device: reproducible, no global RNG."""
+    Randomness comes from ``generator`` or a generator seeded with ``seed`` on dst's device: reproducible,
+    no global RNG. Other dtypes: plain copy (round to nearest)."""
     if dst.dtype != torch.bfloat16:
         dst.copy_(src)
         return dst
-    gen = torch.Generator(device=src.device).manual_seed(seed)
+    if generator is None:
+        if seed is None:
+            raise ValueError("stochastic_round_ needs a seed or a generator")
+        generator = torch.Generator(device=src.device).manual_seed(seed)
     bits = src.to(torch.float32).contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, generator=gen, device=src.device, dtype=torch.int32)
-    rounded = (bits + noise).bitwise_and_(-65536).view(torch.float32)
+    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, device=src.device, dtype=torch.int32)
+    rounded = noise.add_(bits).bitwise_and_(-65536).view(torch.float32)
     dst.copy_(rounded)
     return dst
+
+
+def _sr_generator(W: torch.Tensor, sr_seed: int | None) -> torch.Generator | None:
+    if W.dtype == torch.bfloat16 and sr_seed is not None:
+        return torch.Generator(device=W.device).manual_seed(sr_seed)
+    return None
 
 
 def apply_matrix_update_(
@@ -102,18 +116,24 @@ def apply_matrix_update_(
 ) -> None:
     """W <- (1 - lr·wd) W - lr·scale · N P, on the canonical (a×b) view of the weight.
 
-    fp32 weights: one fused addmm_. bf16 weights with ``sr_seed``: computed in fp32 and stochastically
-    rounded back (one a×b fp32 temporary). Other dtypes: round to nearest."""
+    fp32 weights: one fused addmm_. Other dtypes: the new rows are computed in fp32 one block of rows at
+    a time (``projection.row_blocks``: at most 64 MiB of fp32 temporaries whatever the layer) and written
+    back with stochastic rounding (bf16 with ``sr_seed``; one generator stream across the blocks) or
+    round-to-nearest."""
     decay = 1.0 - lr * weight_decay
     alpha = -lr * scale
     if W.dtype == torch.float32:
         W.addmm_(N, P.to(torch.float32), beta=decay, alpha=alpha)
         return
-    if W.dtype == torch.bfloat16 and sr_seed is not None:
-        full = torch.addmm(W.to(torch.float32), N, P.to(torch.float32), beta=decay, alpha=alpha)
-        stochastic_round_(W, full, sr_seed)
-        return
-    W.addmm_(N.to(W.dtype), P.to(W.dtype), beta=decay, alpha=alpha)
+    P32 = P.to(torch.float32)
+    gen = _sr_generator(W, sr_seed)
+    # Three fp32-sized temporaries per block (new rows, noise, bits): keep each block a third of the budget.
+    for rows in row_blocks(*W.shape, max_elems=projection.WORKSPACE_ELEMS // 3):
+        block = torch.addmm(W[rows].to(torch.float32), N[rows], P32, beta=decay, alpha=alpha)
+        if gen is not None:
+            stochastic_round_(W[rows], block, generator=gen)
+        else:
+            W[rows].copy_(block)
 
 
 def apply_dense_update_(
@@ -124,13 +144,17 @@ def apply_dense_update_(
     weight_decay: float,
     sr_seed: int | None,
 ) -> None:
-    """W <- (1 - lr·wd) W - lr · N for an unprojected tensor (N fp32, shaped like W)."""
+    """W <- (1 - lr·wd) W - lr · N for an unprojected tensor (N fp32, shaped like W); non-fp32 weights
+    are updated in bounded fp32 chunks with stochastic rounding (bf16) or round-to-nearest."""
     decay = 1.0 - lr * weight_decay
     if W.dtype == torch.float32:
         W.mul_(decay).add_(N, alpha=-lr)
         return
-    full = W.to(torch.float32).mul_(decay).add_(N, alpha=-lr)
-    if W.dtype == torch.bfloat16 and sr_seed is not None:
-        stochastic_round_(W, full, sr_seed)
-    else:
-        W.copy_(full)
+    gen = _sr_generator(W, sr_seed)
+    flat_w, flat_n = W.view(-1), N.reshape(-1)
+    for chunk in row_blocks(flat_w.numel(), 1, max_elems=projection.WORKSPACE_ELEMS // 3):
+        block = flat_w[chunk].to(torch.float32).mul_(decay).add_(flat_n[chunk], alpha=-lr)
+        if gen is not None:
+            stochastic_round_(flat_w[chunk], block, generator=gen)
+        else:
+            flat_w[chunk].copy_(block)

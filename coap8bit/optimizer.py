@@ -192,6 +192,8 @@ class COAPAdamW(Optimizer):
         self.backend = backend
         self._warned: set[str] = set()
         self._param_keys: dict[torch.Tensor, int] = {}
+        self._shards: dict[torch.Tensor, _dist.ParamShard] = {}  # FSDP2 (DTensor) parameters only
+        self._comms: dict = {}  # one RowShardComm per process group
         super().__init__(params, defaults)
         if not isinstance(track_quant_error, int) or track_quant_error < 0:
             raise ValueError(f"track_quant_error must be an int >= 0 (0 = off, K = every K steps), got "
@@ -214,7 +216,9 @@ class COAPAdamW(Optimizer):
         for p in group["params"]:
             if p.is_sparse:
                 raise ValueError("sparse parameters are not supported")
-            _dist.reject_dtensor(p)
+            shard = _dist.param_shard(p, self._comms)  # FSDP2: steps run on the local shard
+            if shard is not None:
+                self._shards[p] = shard
             # A key stamped by distributed.set_seed_keys (ZeRO: each rank sees a subset of the parameters)
             # keeps the random streams of a one-process run; else the index in this optimizer.
             self._param_keys.setdefault(p, getattr(p, _dist.SEED_KEY_ATTR, len(self._param_keys)))
@@ -351,17 +355,21 @@ class COAPAdamW(Optimizer):
         state["step"] = 0
         state["skipped"] = 0
         state["seed_key"] = self._param_keys.get(p, len(self._param_keys))
+        if kind == "tucker" and p in self._shards:
+            raise NotImplementedError(f"conv weight {tuple(p.shape)} sharded by FSDP2: the Tucker projection of "
+                                      "a sharded conv weight is not implemented; set projection=False for it")
         if kind == "matrix":
             layout = _matrix_layout(p, group)
-            _alloc_moments(state, layout.moment_shape, bits, bs, dev)
+            _alloc_moments(state, _moment_shape(p, layout), bits, bs, dev)
             _alloc_quantized(state, "proj", layout.proj_shape, bits, bs, dev)
         elif kind == "tucker":
             r0, r1 = _tucker_ranks(p.shape, group)
             _alloc_moments(state, (r0, r1, *p.shape[2:]), bits, bs, dev)
             _alloc_quantized(state, "factor0", (r0, p.shape[0]), bits, bs, dev)
             _alloc_quantized(state, "factor1", (r1, p.shape[1]), bits, bs, dev)
-        else:
-            _alloc_moments(state, tuple(p.shape), 8 if kind == "dense8" else 32, 256 if kind == "dense8" else bs, dev)
+        else:  # FSDP2: moments of this process's shard (8-bit blocks cut per shard)
+            _alloc_moments(state, tuple(_dist.local(p).shape), 8 if kind == "dense8" else 32,
+                           256 if kind == "dense8" else bs, dev)
 
     def _seed(self, state: dict, step: int, purpose: int) -> int:
         return proj.derive_seed(self.seed, state["seed_key"], step, purpose)
@@ -429,34 +437,37 @@ class COAPAdamW(Optimizer):
                                     block_size=group["block_size"])
 
     def _refresh_projector(self, G: torch.Tensor, S_old: torch.Tensor | None, state: dict, group: dict,
-                           step: int, name: str, rank: int) -> torch.Tensor | None:
+                           step: int, name: str, rank: int,
+                           ops: _dist.LocalMatrix | None = None) -> torch.Tensor | None:
         """Maintain one projector (r×b) of canonical gradient G (a×b) at ``step``; returns the new
-        fp32 projector when it changed, else None. Schedule (t = step, 1-based):
+        fp32 projector when it changed, else None. ``ops``: the math for this process's part of G
+        (``distributed.matrix_ops``; default the whole G). Schedule (t = step, 1-based):
           t == 1                           initial P: range finder on a seeded Gaussian sketch
           (t-1) % (T_u·factor) == 0        warm-started range finder, sketch Y = G P_oldᵀ = S_old
           (t-1) % T_u == 0                 correlation-aware SGD step
         """
         T_u = group["update_interval"]
         T = T_u * group["reproject_factor"]
+        ops = ops if ops is not None else _dist.LocalMatrix()
         if step == 1:
-            omega = proj.seeded_normal((G.shape[1], rank), self._seed(state, 0, _SEED_INIT), G.device)
-            P_new = proj.range_finder(G, G.to(torch.float32) @ omega, rank, group["power_iters"])
+            # Seeded from (seed, seed_key): the same Ω on every rank, so FSDP2 shards agree on P.
+            omega = proj.seeded_normal((ops.width(G), rank), self._seed(state, 0, _SEED_INIT), G.device)
+            P_new = proj.canonical_signs(ops.range_finder(G, ops.sketch(G, omega), rank, group["power_iters"]))
             self._store_proj(state, name, P_new, group, sr_seed=None)
             return self._load_proj(state, name, group["block_size"])  # as stored: every step uses this P
         if (step - 1) % T_u != 0:
             return None
         P_old = self._load_proj(state, name, group["block_size"])
         if (step - 1) % T == 0:
-            P_new = proj.range_finder(G, S_old, rank, group["power_iters"])
+            P_new = ops.range_finder(G, S_old, rank, group["power_iters"])
             P_new = proj.align_signs(P_new, P_old)
             sr_seed = None
         else:
             M = self._first_moment(state, group) if name == "proj" else None
             if M is None:
                 return None  # Tucker factors are only re-projected (no SGD step; see _step_tucker)
-            P_new, _ = proj.projector_sgd_step(G, S_old, M, P_old, lr=group["proj_lr"],
-                                               max_grad_norm=group["proj_max_grad_norm"],
-                                               objective=group["proj_objective"])
+            P_new, _ = ops.sgd_step(G, S_old, M, P_old, lr=group["proj_lr"],
+                                    max_grad_norm=group["proj_max_grad_norm"], objective=group["proj_objective"])
             sr_seed = self._seed(state, step, _SEED_PROJ_SR) if group["proj_rounding"] == "stochastic" else None
         self._store_proj(state, name, P_new, group, sr_seed)
         P_stored = self._load_proj(state, name, group["block_size"])
@@ -481,31 +492,38 @@ class COAPAdamW(Optimizer):
         or None if it is not finite. With ``refresh`` the projector is first initialised / SGD-stepped /
         re-projected from this gradient when ``step`` is due (see _refresh_projector); without it the
         current P is used as it is (e.g. later micro-batches of an accumulated step)."""
-        layout = _matrix_layout(p, group)
-        G = proj.canonical(grad, layout)
+        layout = _matrix_layout(p, group)  # from the global shape (DTensor.shape), the same on every rank
+        ops = self._matrix_ops(p, layout)
+        G = proj.canonical(_dist.local(grad), layout)
+        # Finiteness checks agree across FSDP2 ranks (ops.all_finite), so all skip or none: the refreshes'
+        # collectives never wait for a rank that skipped.
         if refresh and state["step"] == 0:  # first step (or first one not skipped): initial projector
-            if not bool(torch.isfinite(grad).all()):
+            if not ops.all_finite(G):
                 return None
-            P = self._refresh_projector(G, None, state, group, 1, "proj", layout.rank)
-            return (G @ P.to(G.dtype).mT).to(torch.float32)
+            P = self._refresh_projector(G, None, state, group, 1, "proj", layout.rank, ops)
+            return ops.lowrank(G, P)
         P = self._load_proj(state, "proj", group["block_size"])
-        S = G @ P.to(G.dtype).mT
+        S = ops.lowrank(G, P)
         # NaN/inf in G reach S (inf·0 = NaN), so checking the a×r S is enough and cheaper than G.
-        if not bool(torch.isfinite(S).all()):
+        if not ops.all_finite(S):
             return None
         if refresh and step > 1:
-            P_new = self._refresh_projector(G, S, state, group, step, "proj", layout.rank)
+            P_new = self._refresh_projector(G, S, state, group, step, "proj", layout.rank, ops)
             if P_new is not None:
-                S = G @ P_new.to(G.dtype).mT
-        return S.to(torch.float32)
+                S = ops.lowrank(G, P_new)
+        return S
+
+    def _matrix_ops(self, p: torch.Tensor, layout: proj.ProjLayout) -> _dist.LocalMatrix:
+        return _dist.matrix_ops(self._shards.get(p), layout.transposed)
 
     def apply_lowrank(self, p, S, group, state, step) -> None:
         """Moment update with the low-rank gradient S, then W <- (1-lr·wd) W - lr·scale · N P."""
         layout = _matrix_layout(p, group)
         P = self._load_proj(state, "proj", group["block_size"])
         N = self._moment_update(S, state, group, step, group["block_size"])
-        Fn.apply_matrix_update_(proj.canonical(p, layout), N, P, lr=group["lr"],
-                                weight_decay=group["weight_decay"], scale=group["scale"],
+        # FSDP2: this shard's rows of W (right) or its columns of canonical Wᵀ with P's matching columns (left).
+        Fn.apply_matrix_update_(proj.canonical(_dist.local(p), layout), N, self._matrix_ops(p, layout).cols(P),
+                                lr=group["lr"], weight_decay=group["weight_decay"], scale=group["scale"],
                                 sr_seed=self._param_sr_seed(p, group, state, step))
 
     def _step_tucker(self, p, grad, group, state, step) -> bool:
@@ -539,7 +557,12 @@ class COAPAdamW(Optimizer):
         return True
 
     def _step_dense(self, p, grad, group, state, step, kind) -> bool:
-        if not bool(torch.isfinite(grad).all()):
+        shard = self._shards.get(p)
+        p, grad = _dist.local(p), _dist.local(grad)  # FSDP2: Adam is elementwise, so the shard steps alone
+        finite = bool(torch.isfinite(grad).all())
+        if shard is not None:  # but all ranks skip together, so the shards' step counts stay equal
+            finite = shard.all_true(finite, grad.device)
+        if not finite:
             return False
         beta1, beta2 = group["betas"]
         sr_seed = self._param_sr_seed(p, group, state, step)
@@ -559,6 +582,22 @@ class COAPAdamW(Optimizer):
         return True
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """torch.optim's state dict; for FSDP2 parameters the row-sharded moments (of right-projected and
+        unprojected weights) are exported as fp32 DTensors of their global shape, so that
+        ``torch.distributed.checkpoint`` can save them and load them into any world size (see
+        ``_export_sharded_state``). Everything else, including all state of plain parameters, is as held."""
+        sd = super().state_dict()
+        if self._shards:
+            params = [p for group in self.param_groups for p in group["params"]]
+            groups = {id(p): group for group in self.param_groups for p in group["params"]}
+            for index, p in enumerate(params):  # torch.optim numbers parameters in this order
+                if p in self._shards and index in sd["state"]:
+                    group = groups[id(p)]
+                    sd["state"][index] = _export_sharded_state(p, sd["state"][index], self.param_kind(p, group),
+                                                               group, self._shards[p])
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's loader, then the saved tensors put back with their own dtypes.
 
@@ -593,6 +632,8 @@ class COAPAdamW(Optimizer):
         for group in self.param_groups:
             _validate_group(group)
             for p in group["params"]:
+                if p in self._shards and self.state.get(p):
+                    _import_sharded_state(p, self.state[p], self.param_kind(p, group), group)
                 if self.state.get(p):
                     _validate_param_state(p, self.state[p], self.param_kind(p, group), group)
 
@@ -643,6 +684,60 @@ def _alloc_moments(state, shape, bits, block_size, device) -> None:
         _alloc_quantized(state, "exp_avg_sq", shape, 32, block_size, device)
 
 
+def _moment_shape(p: torch.Tensor, layout: proj.ProjLayout) -> tuple[int, int]:
+    """Shape of a matrix parameter's moments held here: (a, r), or (a_local, r) for the row-sharded
+    canonical gradient of a right-projected FSDP2 weight (a left-projected one keeps all a rows)."""
+    return (proj.canonical(_dist.local(p), layout).shape[0], layout.rank)
+
+
+# FSDP2 checkpoints. A dim-0 sharded parameter's moments are row-sharded when they follow its rows: those of
+# an unprojected tensor, and the a_local×r moments of a right projection. Their 8-bit blocks are cut per
+# shard, so their codes and absmax have no world-size independent layout: they are exported dequantized, as
+# fp32 DTensors (4 bytes per moment element in the checkpoint instead of 1), and re-quantized on load by
+# distributed.requantize_blockwise: exactly the saved codes when the block boundaries are unchanged (same
+# world size, or shard sizes that are multiples of the block), else within one rounding (half a code step of
+# the new block's absmax). Everything else (projector, a left projection's a×r moments, step counts) is
+# replicated and exported as held, bit-exact in every world size.
+def _sharded_moment_block(p: torch.Tensor, kind: str, group: dict) -> int | None:
+    """Block size of p's row-sharded moments, or None when its moments are replicated."""
+    if kind == "matrix":
+        return None if _matrix_layout(p, group).transposed else group["block_size"]
+    return 256 if kind in ("dense8", "dense32") else None
+
+
+def _export_sharded_state(p, state: dict, kind: str, group: dict, shard: "_dist.ParamShard") -> dict:
+    bs = _sharded_moment_block(p, kind, group)
+    out = dict(state)  # torch.optim's state_dict shares the live dict: never modify it
+    if bs is None:
+        return out
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        if name + "_codes" in out:
+            value = dequantize_blockwise(out.pop(name + "_codes"), out.pop(name + "_absmax"), signed=signed,
+                                         block_size=bs)
+        else:
+            value = out[name]
+        out[name] = shard.as_dtensor(value)
+    return out
+
+
+def _import_sharded_state(p, state: dict, kind: str, group: dict) -> None:
+    bs = _sharded_moment_block(p, kind, group)
+    if bs is None:
+        return
+    quantized = "exp_avg_codes" in _state_spec(kind, 8 if kind == "dense8" else group["optim_bits"])
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        value = state.get(name)
+        if value is None or not torch.is_tensor(value):
+            continue  # already in the held form (e.g. a state dict saved without DTensors)
+        value = _dist.local(value).to(torch.float32)
+        if quantized:
+            del state[name]
+            state[name + "_codes"], state[name + "_absmax"] = _dist.requantize_blockwise(
+                value, signed=signed, block_size=bs)
+        else:
+            state[name] = value.contiguous().clone()
+
+
 def _expected_shapes(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple[int, ...]]:
     bs = group["block_size"] if kind in ("matrix", "tucker") else 256
     shapes: dict[str, tuple[int, ...]] = {}
@@ -657,8 +752,8 @@ def _expected_shapes(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple
     bits = group["optim_bits"]
     if kind == "matrix":
         layout = _matrix_layout(p, group)
-        add("exp_avg", layout.moment_shape, bits, bs)
-        add("exp_avg_sq", layout.moment_shape, bits, bs)
+        add("exp_avg", _moment_shape(p, layout), bits, bs)
+        add("exp_avg_sq", _moment_shape(p, layout), bits, bs)
         add("proj", layout.proj_shape, bits, bs)
     elif kind == "tucker":
         r0, r1 = _tucker_ranks(p.shape, group)
@@ -668,8 +763,8 @@ def _expected_shapes(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple
         add("factor1", (r1, p.shape[1]), bits, bs)
     else:
         b = 8 if kind == "dense8" else 32
-        add("exp_avg", p.shape, b, 256)
-        add("exp_avg_sq", p.shape, b, 256)
+        add("exp_avg", _dist.local(p).shape, b, 256)  # FSDP2: this process's shard
+        add("exp_avg_sq", _dist.local(p).shape, b, 256)
     return shapes
 
 

@@ -13,9 +13,10 @@ Peak of one training step (an additive, deliberately simple model; assumptions p
   weights       every parameter (trainable and frozen) in --weight-dtype (bf16: 2 B), no fp32 master copy
   gradients     "full": one bf16 gradient per trainable parameter; "in-backward": each parameter is stepped
                 and its gradient freed as soon as it is complete, so only the largest one is alive
-  optimizer     the state above, plus the step's transient workspace: two fp32 copies of the largest
-                trainable tensor for coap8bit (fp32 gradient + fp32 update before stochastic rounding) and
-                torch AdamW, none for bitsandbytes' fused kernel
+  optimizer     the state above, plus the step's transient workspace: for coap8bit the bound of
+                ``coap_workspace_bytes`` (low-rank temporaries of its costliest layer plus row-blocked fp32
+                work of at most 192 MiB); one fp32 copy of the largest tensor for torch AdamW; none for
+                bitsandbytes' fused kernel
   activations   gradient checkpointing at every decoder layer, bf16, fused attention (no T×T scores):
                 L · B·T·h·2 bytes of checkpoints, plus one layer recomputed for backward,
                 B·T·(5h + 2·kv + 4·ffn)·2 bytes (norm outputs, q/k/v, attention output, residual,
@@ -152,6 +153,29 @@ def coap_state_bytes(params, *, fp32_projector: bool = False, **optimizer_kwargs
     return predicted_state(opt, fp32_projector=fp32_projector).total
 
 
+def coap_workspace_bytes(params, **optimizer_kwargs) -> int:
+    """Transient bytes of coap8bit's step for its most expensive parameter (a bound read off the code,
+    GPU path): per projected a×b weight with rank r, the fp32 and gradient-dtype projector (6·r·b), the
+    low-rank gradient in the gradient's dtype and fp32 plus the normalized update N (10·a·r), and on
+    refresh steps the range finder's Q and the projector-gradient terms (4·a·r + 10·r·b); every a×b
+    fp32 temporary is made in row blocks of at most projection.WORKSPACE_ELEMS elements (3 blocks at
+    once). Unprojected tensors: fused bitsandbytes kernel or at most 16 B/element of fp32 temporaries."""
+    from .optimizer import AdamW8bit, _matrix_layout
+    from .projection import WORKSPACE_ELEMS
+
+    opt = AdamW8bit(params, **optimizer_kwargs)
+    group = opt.param_groups[0]
+    worst = 0
+    for p in params:
+        kind = opt.param_kind(p, group)
+        if kind == "matrix":
+            lay = _matrix_layout(p, group)
+            worst = max(worst, 14 * lay.a * lay.rank + 16 * lay.rank * lay.b)
+        elif kind != "tucker":
+            worst = max(worst, 16 * p.numel() if p.dtype == torch.bfloat16 else 0)
+    return worst + 3 * 4 * WORKSPACE_ELEMS
+
+
 def activation_bytes(spec: ModelSpec, batch: int, seq_len: int) -> int:
     h, hd = spec.hidden, spec.head_dim or spec.hidden // spec.heads
     tokens = batch * seq_len
@@ -176,8 +200,8 @@ def plan(spec: ModelSpec, *, rank_ratio: float = 2.0, seq_len: int = 2048, batch
         "AdamW fp32": (8 * trainable, 4 * largest),
         "AdamW bf16": (4 * trainable, 4 * largest),
         "bnb AdamW8bit": (bnb, 0),
-        "COAP 8bit + fp32 P": (coap_state_bytes(params, fp32_projector=True, **kw), 8 * largest),
-        f"coap8bit r/{rank_ratio:g}": (coap_state_bytes(params, **kw), 8 * largest),
+        "COAP 8bit + fp32 P": (coap_state_bytes(params, fp32_projector=True, **kw), coap_workspace_bytes(params, **kw)),
+        f"coap8bit r/{rank_ratio:g}": (coap_state_bytes(params, **kw), coap_workspace_bytes(params, **kw)),
     }
     weights = (trainable + spec.frozen_vision_params) * weight_bytes
     act = activation_bytes(spec, batch, seq_len)

@@ -33,6 +33,33 @@ __all__ = [
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left")
 
+# Every a×b temporary a step creates in fp32 (the cast of a bf16 gradient, the fp32 weight before
+# stochastic rounding) is made one block of rows at a time, at most this many elements: 64 MiB per
+# temporary whatever the layer, instead of 4 bytes per element of a 32000×4096 embedding (0.5 GiB).
+WORKSPACE_ELEMS = 1 << 24
+
+
+def row_blocks(rows: int, cols: int, max_elems: int | None = None) -> list[slice]:
+    """Slices of consecutive rows with at most ``max_elems`` (default WORKSPACE_ELEMS) elements each
+    (at least one row per slice)."""
+    max_elems = WORKSPACE_ELEMS if max_elems is None else max_elems
+    step = max(1, max_elems // max(1, cols))
+    return [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def fp32_row_blocks(G: torch.Tensor):
+    """(rows slice, fp32 copy of those rows of G): bounded-size fp32 views of a possibly bf16 matrix.
+    For an fp32 G that fits in one block this is G itself, no copy."""
+    for rows in row_blocks(*G.shape):
+        yield rows, G[rows].to(torch.float32)
+
+
+def matmul_rows(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """G @ X in fp32 (a×k) computed one row block of G at a time."""
+    if G.shape[0] == 0:  # an empty shard (FSDP2 / row-sharded G with fewer rows than processes)
+        return torch.zeros(0, X.shape[1], dtype=torch.float32, device=G.device)
+    return torch.cat([block @ X for _, block in fp32_row_blocks(G)])
+
 
 @dataclasses.dataclass(frozen=True)
 class ProjLayout:
@@ -117,16 +144,30 @@ def range_finder(
     ``all_reduce`` (sums a list of tensors over processes). Qᵀ G and Gᵀ Q are then sums over row blocks
     (k×b, b×k), the SVD is replicated. With both None (one process) the computation is the plain one.
     """
-    G = G.to(torch.float32)
     qr_rows = orthonormalize if orthonormalize is not None else (lambda X: torch.linalg.qr(X).Q)
     row_sum = all_reduce if all_reduce is not None else (lambda xs: xs)
     Q = qr_rows(Y.to(torch.float32))
+    def Qt_G(Q: torch.Tensor) -> torch.Tensor:  # Qᵀ G (k×b), one fp32 row block of G at a time
+        out = torch.zeros(Q.shape[1], G.shape[1], dtype=torch.float32, device=G.device)
+        for rows, block in fp32_row_blocks(G):
+            out.addmm_(Q[rows].mT, block)
+        return row_sum([out])[0]
+
     for _ in range(power_iters):
-        Z = torch.linalg.qr(row_sum([G.mT @ Q])[0]).Q
-        Q = qr_rows(G @ Z)
-    B = row_sum([Q.mT @ G])[0]
+        Z = torch.linalg.qr(Qt_G(Q).mT).Q
+        Q = qr_rows(matmul_rows(G, Z))
+    B = Qt_G(Q)
     Vh = torch.linalg.svd(B, full_matrices=False).Vh
     return Vh[:rank].contiguous()
+
+
+def canonical_signs(P: torch.Tensor) -> torch.Tensor:
+    """Rows of P with their largest-magnitude entry positive. A singular vector's sign is arbitrary and
+    QR/SVD routes pick it differently (TSQR over FSDP2 shards vs one Householder QR); in fp32 that is
+    harmless, but the 8-bit signed code map is asymmetric (-0.99297 … 1.0), so the sign changes the codes.
+    Fixing it makes the initial projector of a sharded run the one of a single process."""
+    peak = P.gather(1, P.abs().argmax(dim=1, keepdim=True))
+    return torch.where(peak < 0, -P, P)
 
 
 def align_signs(P_new: torch.Tensor, P_old: torch.Tensor) -> torch.Tensor:
@@ -147,6 +188,7 @@ def projector_loss_and_grad(
     cos_eps: float = 1e-8,
     *,
     all_reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    col_comm=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """COAP's projector objective L = E · (1 − c) and its gradient dL/dP, in closed form.
 
@@ -159,26 +201,36 @@ def projector_loss_and_grad(
 
     ``objective="reference"`` uses Z = a·b (the MSE of COAP's reference code; for real gradients its
     gradient is ~‖G‖²/(ab), far below the clip, so the step barely moves P). ``"relative"`` uses
-    Z = ‖G‖², which makes L invariant to the gradient's scale. Cost O(a·b·r); no a×b temporary beyond
-    one fp32 copy of G. Cosines follow torch.cosine_similarity: denominator max(‖A_i‖‖G_i‖, eps).
+    Z = ‖G‖², which makes L invariant to the gradient's scale. Cost O(a·b·r); G is read one fp32 row
+    block at a time (two passes), so no a×b fp32 temporary. Cosines follow torch.cosine_similarity:
+    denominator max(‖A_i‖‖G_i‖, eps).
 
     Row-sharded G, S, M (each process holds some rows; P replicated): pass ``all_reduce`` (sums a list of
     tensors over processes). Every term that sums over rows — SᵀG, SᵀS (r×b, r×r), ‖G‖², Σ cos_i, the
     row count, Mᵀdiag(w)G, Mᵀdiag(u)M — is a local partial sum reduced in one packed collective; the
     per-row quantities (cos_i, w_i, u_i) need only local rows. None (one process) = the plain math.
+
+    Column-sharded G (each process holds some columns; S, M and the whole P replicated — left projection of
+    an FSDP2 weight): pass ``col_comm`` (``distributed.ColumnShards``). SᵀG and Mᵀdiag(w)G are gathered from
+    their column blocks (r×b each), the row norms ‖G_i‖² summed over them (a); the rest is replicated.
     """
-    G = G.to(torch.float32)
     S = S.to(torch.float32)
     M = M.to(torch.float32)
     P = P.to(torch.float32)
-    a, b = G.shape
+    a, b = G.shape[0], P.shape[1]  # P's b: the global column count when G's columns are sharded
 
     if objective not in ("reference", "relative"):
         raise ValueError(f"proj_objective must be 'relative' or 'reference', got {objective!r}")
-    SG = S.mT @ G  # r×b, the O(a·b·r) term
+    SG = P.new_zeros(P.shape[0], G.shape[1])  # Sᵀ G, r×b: the O(a·b·r) term
+    g_sq = torch.empty(a, dtype=torch.float32, device=G.device)  # ‖G_i‖²
+    for rows, block in fp32_row_blocks(G):
+        SG.addmm_(S[rows].mT, block)
+        g_sq[rows] = (block * block).sum(dim=1)
+    if col_comm is not None:  # w below needs the whole row norms: sum them before using them
+        SG = col_comm.gather_cols(SG)
+        (g_sq,) = col_comm.all_reduce([g_sq])
     PPt = P @ P.mT  # r×r
     StS = S.mT @ S  # r×r
-    g_sq = (G * G).sum(dim=1)  # ‖G_i‖², a
     g_total = g_sq.sum()
 
     dots = (M * S).sum(dim=1)  # ⟨A_i, G_i⟩
@@ -190,7 +242,11 @@ def projector_loss_and_grad(
     cos = dots / denom
     w = 1.0 / denom
     u = torch.where(clamped | (a_sq == 0), torch.zeros_like(cos), cos / a_sq.clamp_min(1e-30))
-    MwG = (M * w.unsqueeze(1)).mT @ G  # r×b
+    MwG = P.new_zeros(P.shape[0], G.shape[1])  # Mᵀ diag(w) G, r×b
+    for rows, block in fp32_row_blocks(G):
+        MwG.addmm_((M[rows] * w[rows].unsqueeze(1)).mT, block)
+    if col_comm is not None:
+        MwG = col_comm.gather_cols(MwG)
     MuM = (M * u.unsqueeze(1)).mT @ M  # r×r
     if all_reduce is None:
         c = cos.mean()
@@ -222,11 +278,14 @@ def projector_sgd_step(
     max_grad_norm: float = 1.0,
     objective: str = "relative",
     all_reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    col_comm=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on P with the gradient norm clipped to ``max_grad_norm`` (as torch's
     clip_grad_norm_: scale by max_norm / (norm + 1e-6) when norm exceeds it). Returns (P_new, loss).
-    ``all_reduce``: row-sharded G, S, M (see projector_loss_and_grad); the gradient is then replicated."""
-    loss, grad = projector_loss_and_grad(G, S, M, P, objective=objective, all_reduce=all_reduce)
+    ``all_reduce`` / ``col_comm``: row- / column-sharded G (see projector_loss_and_grad); the gradient is
+    then replicated."""
+    loss, grad = projector_loss_and_grad(G, S, M, P, objective=objective, all_reduce=all_reduce,
+                                         col_comm=col_comm)
     norm = torch.linalg.vector_norm(grad)
     clip = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
     return P.to(torch.float32) - (lr * clip) * grad, loss

@@ -3,6 +3,7 @@ import io
 import warnings
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import coap8bit
@@ -333,3 +334,28 @@ def test_short_training_run_reaches_stated_loss():
         opt.step()
     val_loss = evaluate(model, val, seq_len=64, batches=4)
     assert val_loss < 2.6
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(min_value=1, max_value=300),
+    cols=st.integers(min_value=1, max_value=300),
+    rank=st.one_of(st.none(), st.integers(min_value=1, max_value=64)),
+    block_pow=st.integers(min_value=5, max_value=9),
+    bits=st.sampled_from([8, 32]),
+)
+def test_property_any_matrix_shape_steps_with_consistent_state(rows, cols, rank, block_pow, bits):
+    """Any 2-D shape, rank and block size: three steps (projector initialised and SGD-stepped) leave
+    finite weights and state whose shapes match the documented layout."""
+    w = torch.nn.Parameter(torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * 1000 + cols)))
+    opt = coap8bit.COAPAdamW([w], rank=rank, optim_bits=bits, block_size=2**block_pow, min_proj_size=1,
+                             min_8bit_size=1, update_interval=2, reproject_factor=5)
+    for t in range(3):
+        w.grad = torch.randn(rows, cols, generator=torch.Generator().manual_seed(t))
+        opt.step()
+    group = opt.param_groups[0]
+    kind = opt.param_kind(w, group)
+    r = rank if rank is not None else max(1, min(rows, cols) // 4)
+    assert kind == ("matrix" if r < min(rows, cols) else ("dense8" if bits == 8 else "dense32"))
+    assert torch.isfinite(w).all() and opt.state[w]["step"] == 3
+    coap8bit.optimizer._validate_param_state(w, opt.state[w], kind, group)
