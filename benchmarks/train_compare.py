@@ -28,18 +28,25 @@ def main() -> None:
     ap.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     ap.add_argument("--optimizers", default="coap8bit,bnb8bit,adamw")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--coap-rank-ratios", default="4,2", help="coap8bit is run at each of these rank ratios")
     ap.add_argument("--write-results", action="store_true")
     cli = ap.parse_args()
     demo_args = build_parser().parse_args(["--steps", str(cli.steps), "--log-every", str(10**9)])
     train, val = split_corpus(text_corpus())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
+    runs = []
     for name in cli.optimizers.split(","):
+        ratios = [float(x) for x in cli.coap_rank_ratios.split(",")] if name == "coap8bit" else [demo_args.rank_ratio]
+        runs += [(name, ratio) for ratio in ratios]
+    for name, ratio in runs:
+        label = f"{name} r/{ratio:g}" if name == "coap8bit" else name
         for lr in (float(x) for x in cli.lrs.split(",")):
-            args = argparse.Namespace(**{**vars(demo_args), "lr": lr})  # the demo's settings; only lr varies
+            # the demo's settings; only lr (and coap8bit's rank ratio) vary
+            args = argparse.Namespace(**{**vars(demo_args), "lr": lr, "rank_ratio": ratio})
             r = train_one(name, args, device, train, val)
-            rows.append((name, lr, r))
-            print(f"{name:<9} lr {lr:<7g} val {r['val_loss']:.4f}  final train {sum(r['curve'][-20:]) / 20:.4f}  "
+            rows.append((label, lr, r))
+            print(f"{label:<13} lr {lr:<7g} val {r['val_loss']:.4f}  final train {sum(r['curve'][-20:]) / 20:.4f}  "
                   f"state {r['bytes_per_param']:.3f} B/param  step {r['step_ms']:.1f} ms  opt.step {r['opt_ms']:.2f} ms",
                   flush=True)
     best = {}
@@ -52,7 +59,7 @@ def main() -> None:
         + f" ({platform.machine()}); command: `python benchmarks/train_compare.py --write-results`.",
         f"TinyLlama dim {demo_args.dim}, {demo_args.layers} layers ({rows[0][2]['n_params'] / 1e6:.2f}M params), byte-level, CPython docs corpus, "
         f"{cli.steps} steps, batch {demo_args.batch_size} x {demo_args.seq_len}, weight decay {demo_args.weight_decay}, "
-        f"seed {demo_args.seed}; coap8bit rank_ratio {demo_args.rank_ratio:g}, update_interval {demo_args.update_interval}, "
+        f"seed {demo_args.seed}; coap8bit r/k = rank_ratio k (r = min(m, n)/k), update_interval {demo_args.update_interval}, "
         "reproject_factor 5 (the demo's settings). "
         "val = mean loss (nats/byte) on fixed held-out windows."
         + (" CPU step times compare optimizers on this machine only; they are not GPU speed figures." if device.type == "cpu" else ""),

@@ -17,22 +17,26 @@ from .accounting import state_bytes
 from .lm import TinyLlama, TinyLlamaConfig, evaluate, sample_batch, split_corpus, text_corpus
 
 OPTIMIZERS = ("coap8bit", "bnb8bit", "adamw")
+# Each optimizer at its best lr of the sweep in benchmarks/train_compare.py (same model, data and steps):
+# low-rank methods prefer a larger lr than full Adam, so one shared lr would favour one of them.
+DEFAULT_LR = {"coap8bit": 3e-3, "bnb8bit": 1e-3, "adamw": 1e-3}
 STYLES = {"coap8bit": "-", "bnb8bit": "--", "adamw": ":"}  # bnb and AdamW curves nearly coincide
 
 
 def build_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optimizer:
     params = model.parameters()
+    lr = args.lr if args.lr is not None else DEFAULT_LR[name]
     if name == "coap8bit":
         import coap8bit
 
-        return coap8bit.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay, rank_ratio=args.rank_ratio,
+        return coap8bit.AdamW8bit(params, lr=lr, weight_decay=args.weight_decay, rank_ratio=args.rank_ratio,
                                   update_interval=args.update_interval)
     if name == "bnb8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=args.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=args.weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     raise ValueError(f"--optimizers: unknown optimizer {name!r} (allowed: {', '.join(OPTIMIZERS)})")
 
 
@@ -68,6 +72,7 @@ def train_one(name: str, args, device: torch.device, train: torch.Tensor, val: t
     skip = min(10, len(step_times) // 2)  # first steps include allocation and warm-up
     return {
         "name": name,
+        "lr": opt.param_groups[0]["lr"],
         "curve": curve,
         "val_loss": evaluate(model, val.to(device) if device.type == "cuda" else val, seq_len=args.seq_len),
         "state_bytes": state_bytes(opt),
@@ -104,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {OPTIMIZERS}")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=None,
+                    help=f"one lr for all (default: each optimizer's best in benchmarks/train_compare.py: {DEFAULT_LR})")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--rank-ratio", type=float, default=4.0)
     ap.add_argument("--update-interval", type=int, default=40)
@@ -143,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
     base = next((r for r in results if r["name"] == "bnb8bit"), None)
     print()
-    print(f"{'optimizer':<10} {'val loss':>9} {'state B/param':>14} {'state KiB':>10} {'step ms':>9} {'opt.step ms':>12}"
+    print(f"{'optimizer':<10} {'lr':>7} {'val loss':>9} {'state B/param':>14} {'state KiB':>10} {'step ms':>9} {'opt.step ms':>12}"
           + (f" {'state vs bnb':>13}" if base else ""))
     for r in results:
-        line = (f"{r['name']:<10} {r['val_loss']:>9.4f} {r['bytes_per_param']:>14.3f} {r['state_bytes'] / 1024:>10.1f} "
+        line = (f"{r['name']:<10} {r['lr']:>7g} {r['val_loss']:>9.4f} {r['bytes_per_param']:>14.3f} {r['state_bytes'] / 1024:>10.1f} "
                 f"{r['step_ms']:>9.1f} {r['opt_ms']:>12.2f}")
         if base:
             line += f" {r['state_bytes'] / base['state_bytes']:>12.1%}"

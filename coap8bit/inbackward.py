@@ -200,6 +200,11 @@ def attach(optimizer, model: torch.nn.Module | None = None, *, accumulation_step
         raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (allowed: None or a number > 0)")
     if optimizer._in_backward is not None:
         raise RuntimeError("this optimizer is already attached in-backward; detach() the existing handle first")
+    if optimizer._shards:
+        # FSDP2 reduce-scatters gradients per module after backward hooks of its own; stepping sharded
+        # parameters from per-tensor hooks is not wired (or tested) yet.
+        raise NotImplementedError("attach() does not support FSDP2 (DTensor) parameters yet: use optimizer.step() "
+                                  "after backward, or one GPU without fully_shard")
     if any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
         raise RuntimeError("attach() needs no gradient to be pending: call optimizer.step() / zero_grad() first")
     handle = InBackward(optimizer, model, accumulation_steps,

@@ -467,3 +467,13 @@ def test_requantize_recovers_codes_and_bounds_moved_blocks(signed):
     assert not torch.equal(c3, codes.reshape(-1)[16:])  # the moved blocks really were re-rounded
     bound = a3.repeat_interleave(32)[:moved.numel()] * half_gap
     assert bool(((back - moved).abs() <= bound * (1 + 1e-4)).all())  # 1e-4: fp32 rounding of code·absmax
+
+
+def test_attach_refuses_fsdp2_parameters():
+    """In-backward steps are not wired for DTensor shards: attach() must refuse, not misbehave."""
+    import coap8bit
+
+    opt = coap8bit.AdamW8bit([torch.nn.Parameter(torch.randn(8, 8))])
+    opt._shards[opt.param_groups[0]["params"][0]] = object()  # what add_param_group records for a DTensor
+    with pytest.raises(NotImplementedError, match="FSDP2"):
+        opt.attach()
