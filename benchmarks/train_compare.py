@@ -37,13 +37,13 @@ def main() -> None:
     rows = []
     runs = []
     for name in cli.optimizers.split(","):
-        ratios = [float(x) for x in cli.coap_rank_ratios.split(",")] if name == "coap8bit" else [demo_args.rank_ratio]
+        ratios = [float(x) for x in cli.coap_rank_ratios.split(",")] if name == "coap8bit" else [None]
         runs += [(name, ratio) for ratio in ratios]
     for name, ratio in runs:
         label = f"{name} r/{ratio:g}" if name == "coap8bit" else name
         for lr in (float(x) for x in cli.lrs.split(",")):
             # the demo's settings; only lr (and coap8bit's rank ratio) vary
-            args = argparse.Namespace(**{**vars(demo_args), "lr": lr, "rank_ratio": ratio})
+            args = argparse.Namespace(**{**vars(demo_args), "lr": lr, "rank_ratio": ratio or demo_args.rank_ratio})
             r = train_one(name, args, device, train, val)
             rows.append((label, lr, r))
             print(f"{label:<13} lr {lr:<7g} val {r['val_loss']:.4f}  final train {sum(r['curve'][-20:]) / 20:.4f}  "
