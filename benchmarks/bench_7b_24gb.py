@@ -46,8 +46,9 @@ def build_model(config_kwargs: dict, device: torch.device):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Non-reentrant checkpointing of every decoder layer (transformers >= 5 also has
+    # activation_checkpointing_enable, with other keyword names; this one exists in 4.x and 5.x).
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
