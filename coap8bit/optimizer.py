@@ -33,7 +33,7 @@ TUCKER_MIN_NUMEL = 9216  # the COAP reference leaves conv weights of at most thi
 
 # GaLore / HF `optim_target_modules` group keys -> ours. GaLore's update_proj_gap is the interval of its
 # projector refresh, which in COAP is the cheap SGD update (the reference code maps it the same way).
-GROUP_KEY_ALIASES = {"update_proj_gap": "update_interval", "rank_ratio": "rank_ratio"}
+GROUP_KEY_ALIASES = {"update_proj_gap": "update_interval"}
 
 # Purposes mixed into derive_seed so that streams of different uses never coincide.
 _SEED_INIT, _SEED_PROJ_SR, _SEED_PARAM_SR = 1, 2, 3
@@ -205,7 +205,7 @@ class COAPAdamW(Optimizer):
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict) -> None:
         for alias, key in GROUP_KEY_ALIASES.items():
-            if alias in param_group and alias != key:
+            if alias in param_group:
                 if key in param_group and param_group[key] != param_group[alias]:
                     raise ValueError(f"param group sets both {alias!r} and {key!r} with different values")
                 param_group[key] = param_group.pop(alias)
@@ -640,9 +640,7 @@ class COAPAdamW(Optimizer):
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def _moment_update_8bit_impl(backend: str, device: torch.device):
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        return Fn.moment_update_8bit
-    from .kernels import dispatch
+    from .kernels import dispatch  # no Triton import unless a kernel is selected
 
     return dispatch.moment_update_8bit(backend, device)
 
@@ -824,7 +822,6 @@ def _validate_group(g: dict) -> None:
            "int >= 1", g["reproject_factor"])
     _check(isinstance(g["scale"], (int, float)) and g["scale"] > 0, "scale", "> 0", g["scale"])
     _check(g["proj_type"] in proj.PROJ_TYPES, "proj_type", " / ".join(proj.PROJ_TYPES), g["proj_type"])
-    _check(isinstance(g["projection"], bool), "projection", "True or False", g["projection"])
     _check(isinstance(g["min_proj_size"], int) and g["min_proj_size"] >= 1, "min_proj_size", "int >= 1",
            g["min_proj_size"])
     _check(isinstance(g["block_size"], int) and _is_power_of_two(g["block_size"]) and 32 <= g["block_size"] <= 4096,

@@ -11,7 +11,7 @@ block each way: 12 B/element with an fp32 gradient, 10 with bf16.
 
 Hyper-parameters are runtime arguments: an lr or beta schedule must not trigger a recompile (the bias
 corrections are computed here from ``step`` in double precision and passed as fp32 scalars, as PyTorch
-rounds a Python scalar to the tensor's dtype). No ``@triton.autotune``: it would benchmark the in-place
+rounds a Python scalar to the tensor's dtype). No Triton autotuning: it would benchmark the in-place
 update several times on the real state.
 """
 
