@@ -481,10 +481,10 @@ class COAPAdamW(Optimizer):
         return None
 
     def _step_matrix(self, p, grad, group, state, step) -> bool:
-        S = self.project_gradient(p, grad, group, state, step, refresh=True)
+        S, P = self._project(p, grad, group, state, step, refresh=True)
         if S is None:
             return False
-        self.apply_lowrank(p, S, group, state, step)
+        self.apply_lowrank(p, S, group, state, step, P=P)  # P passed on: dequantized once per step
         return True
 
     def project_gradient(self, p, grad, group, state, step, *, refresh: bool) -> torch.Tensor | None:
@@ -492,6 +492,10 @@ class COAPAdamW(Optimizer):
         or None if it is not finite. With ``refresh`` the projector is first initialised / SGD-stepped /
         re-projected from this gradient when ``step`` is due (see _refresh_projector); without it the
         current P is used as it is (e.g. later micro-batches of an accumulated step)."""
+        return self._project(p, grad, group, state, step, refresh=refresh)[0]
+
+    def _project(self, p, grad, group, state, step, *, refresh: bool):
+        """(S, fp32 P that produced it), or (None, None) when not finite: see project_gradient."""
         layout = _matrix_layout(p, group)  # from the global shape (DTensor.shape), the same on every rank
         ops = self._matrix_ops(p, layout)
         G = proj.canonical(_dist.local(grad), layout)
@@ -499,27 +503,30 @@ class COAPAdamW(Optimizer):
         # collectives never wait for a rank that skipped.
         if refresh and state["step"] == 0:  # first step (or first one not skipped): initial projector
             if not ops.all_finite(G):
-                return None
+                return None, None
             P = self._refresh_projector(G, None, state, group, 1, "proj", layout.rank, ops)
-            return ops.lowrank(G, P)
+            return ops.lowrank(G, P), P
         P = self._load_proj(state, "proj", group["block_size"])
         S = ops.lowrank(G, P)
         # NaN/inf in G reach S (inf·0 = NaN), so checking the a×r S is enough and cheaper than G.
         if not ops.all_finite(S):
-            return None
+            return None, None
         if refresh and step > 1:
             P_new = self._refresh_projector(G, S, state, group, step, "proj", layout.rank, ops)
             if P_new is not None:
-                S = ops.lowrank(G, P_new)
-        return S
+                P = P_new
+                S = ops.lowrank(G, P)
+        return S, P
 
     def _matrix_ops(self, p: torch.Tensor, layout: proj.ProjLayout) -> _dist.LocalMatrix:
         return _dist.matrix_ops(self._shards.get(p), layout.transposed)
 
-    def apply_lowrank(self, p, S, group, state, step) -> None:
-        """Moment update with the low-rank gradient S, then W <- (1-lr·wd) W - lr·scale · N P."""
+    def apply_lowrank(self, p, S, group, state, step, *, P: torch.Tensor | None = None) -> None:
+        """Moment update with the low-rank gradient S, then W <- (1-lr·wd) W - lr·scale · N P
+        (P: the current fp32 projector if the caller has it, else dequantized here)."""
         layout = _matrix_layout(p, group)
-        P = self._load_proj(state, "proj", group["block_size"])
+        if P is None:
+            P = self._load_proj(state, "proj", group["block_size"])
         N = self._moment_update(S, state, group, step, group["block_size"])
         # FSDP2: this shard's rows of W (right) or its columns of canonical Wᵀ with P's matching columns (left).
         Fn.apply_matrix_update_(proj.canonical(_dist.local(p), layout), N, self._matrix_ops(p, layout).cols(P),

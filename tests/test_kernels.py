@@ -350,10 +350,10 @@ def test_optimizer_triton_backend_matches_torch(monkeypatch):
         opt.step()
 
     # Every kernel ran: moments each step, projector init + re-projections (nearest), SGD updates
-    # (stochastic), and the projector loads of every step.
+    # (stochastic), and the projector loads (at least once per step and parameter; refreshes load it again).
     assert calls["moment"] == 3 * 20
     assert calls["quantize_nearest"] == 3 * 4 and calls["quantize_stochastic"] == 3 * 3
-    assert calls["dequantize"] >= 2 * 3 * 20
+    assert calls["dequantize"] >= 3 * 20
     for p_ref, p in zip(reference.parameters(), tested.parameters()):
         state_ref, state = opt_ref.state[p_ref], opt.state[p]
         for key in ("exp_avg_codes", "exp_avg_sq_codes", "proj_codes"):
