@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "code_map",
+    "code_midpoints",
     "num_blocks",
     "quantize_blockwise",
     "dequantize_blockwise",
@@ -54,18 +55,19 @@ def code_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
     return code
 
 
-@functools.lru_cache(maxsize=None)
-def _midpoints_cpu(signed: bool) -> torch.Tensor:
-    code = _code_map_cpu(signed)
-    return (code[1:] + code[:-1]) * 0.5
+_DEVICE_MIDPOINTS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
 
-def _midpoints(signed: bool, device: torch.device) -> torch.Tensor:
-    key = ("mid", signed, device)
-    mid = _DEVICE_MAPS.get(key)  # type: ignore[arg-type]
+def code_midpoints(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 255 midpoints between neighbouring codes of the map (fp32, on ``device``): nearest-code
+    rounding is a search over these, here and in the Triton kernels."""
+    device = torch.device(device)
+    key = (signed, device)
+    mid = _DEVICE_MIDPOINTS.get(key)
     if mid is None:
-        mid = _midpoints_cpu(signed).to(device)
-        _DEVICE_MAPS[key] = mid  # type: ignore[index]
+        code = _code_map_cpu(signed)
+        mid = ((code[1:] + code[:-1]) * 0.5).to(device)
+        _DEVICE_MIDPOINTS[key] = mid
     return mid
 
 
@@ -107,7 +109,7 @@ def quantize_blockwise(
         raise ValueError("the unsigned code map can only hold non-negative values")
     code = code_map(signed, device)
     if noise is None:
-        idx = torch.bucketize(normed, _midpoints(signed, device))
+        idx = torch.bucketize(normed, code_midpoints(signed, device))
         if signed:
             # Keep the sign of non-zero values: nearest code among those of the same sign.
             zero = QUANT_ZERO_SIGNED
@@ -147,5 +149,11 @@ def dequantize_blockwise(
             f"{n} codes at block_size {block_size}"
         )
     values = code_map(signed, codes.device)[codes.reshape(-1).long()]
-    per_elem = absmax.to(torch.float32).repeat_interleave(block_size)[:n]
-    return (values * per_elem).view(codes.shape).to(dtype)
+    # Scale in place, whole blocks through a (blocks, block_size) view, then the short tail block: no
+    # per-element copy of the absmax.
+    scales = absmax.to(torch.float32)
+    full = n - n % block_size
+    values[:full].view(-1, block_size).mul_(scales[: full // block_size].unsqueeze(1))
+    if full < n:
+        values[full:].mul_(scales[-1])
+    return values.view(codes.shape).to(dtype)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import QUANT_ZERO_SIGNED, code_map, num_blocks
+from ..quant import QUANT_ZERO_SIGNED, code_map, code_midpoints, num_blocks
 
 __all__ = ["quantize_blockwise", "dequantize_blockwise", "BLOCK_SIZE_MIN", "BLOCK_SIZE_MAX"]
 
@@ -37,8 +37,7 @@ def midpoint_table(signed: bool, device: torch.device) -> torch.Tensor:
     key = ("mid", signed, torch.device(device))
     table = _TABLES.get(key)
     if table is None:
-        code = code_map(signed, "cpu")
-        mid = (code[1:] + code[:-1]) * 0.5  # the same fp32 arithmetic as coap8bit.quant._midpoints_cpu
+        mid = code_midpoints(signed, "cpu")  # the torch path's own table: both round at the same points
         table = torch.cat([mid, torch.tensor([float("inf")])]).to(device)
         _TABLES[key] = table
     return table
