@@ -776,27 +776,28 @@ def _expected_shapes(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple
 def _expected_state(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every state tensor a parameter of this kind holds after its first step: key -> (shape, dtype).
     The accounting/planner predicts memory from it, so prediction and allocation share one rule."""
-    bits = group["optim_bits"] if kind in ("matrix", "tucker") else (8 if kind == "dense8" else 32)
     shapes = _expected_shapes(p, kind, group)
-    return {key: (shapes[key], dtype) for key, dtype in _state_spec(kind, bits).items()}
+    return {key: (shapes[key], dtype) for key, dtype in _state_spec(kind, _state_bits(kind, group)).items()}
+
+
+def _state_bits(kind: str, group: dict) -> int:
+    """Width of a kind's state: the group's for projected kinds; dense8/dense32 say it in their name."""
+    return group["optim_bits"] if kind in ("matrix", "tucker") else (8 if kind == "dense8" else 32)
 
 
 def _validate_param_state(p: torch.Tensor, state: dict, kind: str, group: dict) -> None:
-    bits = group["optim_bits"] if kind in ("matrix", "tucker") else (8 if kind == "dense8" else 32)
-    spec = _state_spec(kind, bits)
-    shapes = _expected_shapes(p, kind, group)
-    where = f"parameter of shape {tuple(p.shape)} ({kind}, {bits}-bit)"
+    expected = _expected_state(p, kind, group)
+    where = f"parameter of shape {tuple(p.shape)} ({kind}, {_state_bits(kind, group)}-bit)"
     tensor_keys = {k for k, v in state.items() if torch.is_tensor(v)}
-    if tensor_keys != set(spec):
-        raise ValueError(f"loaded optimizer state does not fit {where}: expected keys {sorted(spec)}, got "
+    if tensor_keys != set(expected):
+        raise ValueError(f"loaded optimizer state does not fit {where}: expected keys {sorted(expected)}, got "
                          f"{sorted(tensor_keys)} (a state dict from another model, optimizer or settings?)")
-    for key, dtype in spec.items():
+    for key, (shape, dtype) in expected.items():
         t = state[key]
         if t.dtype != dtype:
             raise ValueError(f"loaded state {key!r} for {where} has dtype {t.dtype}, expected {dtype}")
-        if tuple(t.shape) != shapes[key]:
-            raise ValueError(f"loaded state {key!r} for {where} has shape {tuple(t.shape)}, expected "
-                             f"{shapes[key]}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"loaded state {key!r} for {where} has shape {tuple(t.shape)}, expected {shape}")
     for key in _SCALAR_STATE:
         if not isinstance(state.get(key), int) or state[key] < 0:
             raise ValueError(f"loaded state {key!r} for {where} must be a non-negative int, got "
