@@ -66,6 +66,8 @@ def _state_spec(kind: str, bits: int) -> dict[str, torch.dtype]:
 
 
 _SCALAR_STATE = ("step", "seed_key", "skipped")
+# Block of unprojected tensors' 8-bit state: bitsandbytes' fused blockwise kernel is fixed at 256.
+DENSE_BLOCK = 256
 # Which dimension of the moments each projector's rank indexes: a matrix's moments are a×r; a Tucker
 # core is (r0, r1, kh, kw).
 _MOMENT_RANK_DIM = {"proj": 1, "factor0": 0, "factor1": 1}
@@ -368,8 +370,7 @@ class COAPAdamW(Optimizer):
             _alloc_quantized(state, "factor0", (r0, p.shape[0]), bits, bs, dev)
             _alloc_quantized(state, "factor1", (r1, p.shape[1]), bits, bs, dev)
         else:  # FSDP2: moments of this process's shard (8-bit blocks cut per shard)
-            _alloc_moments(state, tuple(_dist.local(p).shape), 8 if kind == "dense8" else 32,
-                           256 if kind == "dense8" else bs, dev)
+            _alloc_moments(state, tuple(_dist.local(p).shape), _state_bits(kind, group), DENSE_BLOCK, dev)
 
     def _seed(self, state: dict, step: int, purpose: int) -> int:
         return proj.derive_seed(self.seed, state["seed_key"], step, purpose)
@@ -584,7 +585,7 @@ class COAPAdamW(Optimizer):
                 state["exp_avg_absmax"], state["exp_avg_sq_absmax"], weight_decay=group["weight_decay"],
             )
             return True
-        N = self._moment_update(grad.to(torch.float32), state, group, step, 256 if kind == "dense8" else 0)
+        N = self._moment_update(grad.to(torch.float32), state, group, step, DENSE_BLOCK)
         Fn.apply_dense_update_(p, N, lr=group["lr"], weight_decay=group["weight_decay"], sr_seed=sr_seed)
         return True
 
@@ -707,7 +708,7 @@ def _sharded_moment_block(p: torch.Tensor, kind: str, group: dict) -> int | None
     """Block size of p's row-sharded moments, or None when its moments are replicated."""
     if kind == "matrix":
         return None if _matrix_layout(p, group).transposed else group["block_size"]
-    return 256 if kind in ("dense8", "dense32") else None
+    return DENSE_BLOCK if kind in ("dense8", "dense32") else None
 
 
 def _export_sharded_state(p, state: dict, kind: str, group: dict, shard: "_dist.ParamShard") -> dict:
@@ -729,7 +730,7 @@ def _import_sharded_state(p, state: dict, kind: str, group: dict) -> None:
     bs = _sharded_moment_block(p, kind, group)
     if bs is None:
         return
-    quantized = "exp_avg_codes" in _state_spec(kind, 8 if kind == "dense8" else group["optim_bits"])
+    quantized = "exp_avg_codes" in _state_spec(kind, _state_bits(kind, group))
     for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         value = state.get(name)
         if value is None or not torch.is_tensor(value):
@@ -744,7 +745,7 @@ def _import_sharded_state(p, state: dict, kind: str, group: dict) -> None:
 
 
 def _expected_shapes(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple[int, ...]]:
-    bs = group["block_size"] if kind in ("matrix", "tucker") else 256
+    bs = group["block_size"] if kind in ("matrix", "tucker") else DENSE_BLOCK
     shapes: dict[str, tuple[int, ...]] = {}
 
     def add(name, shape, bits, block):
@@ -767,9 +768,8 @@ def _expected_shapes(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple
         add("factor0", (r0, p.shape[0]), bits, bs)
         add("factor1", (r1, p.shape[1]), bits, bs)
     else:
-        b = 8 if kind == "dense8" else 32
-        add("exp_avg", _dist.local(p).shape, b, 256)  # FSDP2: this process's shard
-        add("exp_avg_sq", _dist.local(p).shape, b, 256)
+        add("exp_avg", _dist.local(p).shape, _state_bits(kind, group), DENSE_BLOCK)  # FSDP2: this process's shard
+        add("exp_avg_sq", _dist.local(p).shape, _state_bits(kind, group), DENSE_BLOCK)
     return shapes
 
 
