@@ -12,6 +12,11 @@ meta-device parameters). Baselines use each optimizer's own allocation rule:
                       uint8 states plus one fp32 absmax per 256-element block for each; the two 256-entry
                       fp32 code maps (dynamic, udynamic) are shared by every parameter: 2 KiB once.
 
+Numerics: every coap8bit parameter counts, on the device and without a host sync, how many elements of its
+normalized update N hit exact Adam's bound (and were clamped to it), how many second-moment elements sat at
+the format's floor code, and the largest |N| before the bound (``numerics_report``; a one-line summary in
+``memory_report``). Read it to see the 8-bit state misbehave before the loss does.
+
 Quantization error: :class:`QuantErrorTracker` (opt-in via ``AdamW8bit(track_quant_error=K)``) measures, on
 every K-th step of each parameter, the relative L2 error of each requantized tensor (m, v, P) against the
 fp32 value it replaced, how much of a projector SGD step survives requantization, and the principal angles
@@ -33,6 +38,8 @@ __all__ = [
     "MemoryReport",
     "memory_report",
     "component_of",
+    "numerics_report",
+    "NumericsSummary",
     "QuantErrorTracker",
 ]
 
@@ -48,7 +55,8 @@ COMPONENTS = (
     "projector_scales",  # fp32 per-block absmax of P
     "projector_fp32",    # P kept in fp32 (optim_bits=32 or an fp32-projector variant)
     "fp32_states",       # fp32 moments: small tensors, optim_bits=32, other optimizers' 32-bit states
-    "counters",          # step / skip counters held as tensors (coap8bit keeps them as Python ints: 0 B)
+    "counters",          # step / skip counters held as tensors (coap8bit keeps them as Python ints: 0 B) and
+                         # coap8bit's numerics counters (3 fp64 per parameter)
     "other",             # any other tensor (e.g. bitsandbytes' code maps)
 )
 
@@ -80,7 +88,7 @@ def component_of(key: str, value: torch.Tensor) -> str:
     """Which report component a state tensor belongs to, from its key (coap8bit's names; anything
     else, e.g. torch's or bitsandbytes' states, is classed by dtype)."""
     is_projector = key.startswith("proj") or key.startswith("factor")
-    if key == "step":
+    if key in ("step", "numerics"):
         return "counters"
     if key.endswith("_codes"):
         return "projector_codes" if is_projector else "moment_codes"
@@ -124,6 +132,7 @@ class MemoryReport:
     params: list[ParamMemory]
     shared_bytes: int = 0
     bnb_uses_8bit: bool = False
+    numerics: "NumericsSummary | None" = None  # coap8bit optimizers that have stepped
 
     def component_totals(self) -> dict[str, int]:
         out = {c: 0 for c in COMPONENTS}
@@ -189,6 +198,8 @@ class MemoryReport:
             red = 100.0 * (1.0 - self.total / b) if b else 0.0
             lines.append(f"{name:<16} {b:>16,} {b / n:>8.3f}   {red:+.2f}%")
         lines.append(f"{'this optimizer':<16} {self.total:>16,} {self.total / n:>8.3f}")
+        if self.numerics is not None:
+            lines += ["", str(self.numerics)]
         return "\n".join(lines)
 
     __str__ = format_table
@@ -236,7 +247,57 @@ def memory_report(optimizer: torch.optim.Optimizer,
                 name=label.get(p, f"group{gi}.{pi}"), shape=tuple(p.shape), kind=kind, components=comp,
                 adamw_fp32=8 * n, adamw_bf16=4 * n, bnb_adamw8bit=bnb_adamw8bit_bytes(n)))
     uses8 = any(r.numel >= BNB_MIN_8BIT_SIZE for r in rows)
-    return MemoryReport(rows, shared_bytes=sum(shared.values()), bnb_uses_8bit=uses8)
+    numerics = NumericsSummary.of(numerics_report(optimizer, names)) if _has_numerics(optimizer) else None
+    return MemoryReport(rows, shared_bytes=sum(shared.values()), bnb_uses_8bit=uses8, numerics=numerics)
+
+
+# ---------------------------------------------------------------------------------------------------- numerics
+def _has_numerics(optimizer) -> bool:
+    return any("numerics" in s for s in optimizer.state.values())
+
+
+def numerics_report(optimizer, names: Iterable[tuple[str, torch.Tensor]] | dict | None = None) -> dict[str, dict]:
+    """Per parameter that has stepped: {"steps", "bound_hits", "floor_hits", "max_abs_N", "bound"} — elements
+    of N clamped to exact Adam's bound, second-moment elements stored at the floor code, the largest |N|
+    before the bound, and the bound at the current step (counted since the state was created or loaded from
+    a checkpoint that carried them). One host sync for all parameters."""
+    from .bound import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N, adam_update_bound
+
+    label = _param_names(optimizer, names)
+    entries, tensors = [], []
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            state = optimizer.state.get(p, {})
+            if "numerics" in state:
+                entries.append((label.get(p, f"group{gi}.{pi}"), state["step"], group["betas"]))
+                tensors.append(state["numerics"].to("cpu", torch.float64))
+    values = torch.stack(tensors).tolist() if tensors else []
+    return {name: {"steps": step, "bound_hits": int(v[NUMERICS_BOUND_HITS]), "floor_hits": int(v[NUMERICS_FLOOR_HITS]),
+                   "max_abs_N": v[NUMERICS_MAX_N], "bound": adam_update_bound(*betas, max(step, 1))}
+            for (name, step, betas), v in zip(entries, values)}
+
+
+@dataclasses.dataclass
+class NumericsSummary:
+    """Across parameters: total bound hits and floor hits, the largest |N| and where it was."""
+
+    params: int
+    bound_hits: int
+    floor_hits: int
+    max_abs_N: float
+    worst: str
+
+    @classmethod
+    def of(cls, report: dict[str, dict]) -> "NumericsSummary":
+        worst = max(report, key=lambda k: report[k]["max_abs_N"], default="-")
+        return cls(len(report), sum(r["bound_hits"] for r in report.values()),
+                   sum(r["floor_hits"] for r in report.values()),
+                   report[worst]["max_abs_N"] if report else 0.0, worst)
+
+    def __str__(self) -> str:
+        return (f"numerics ({self.params} parameters): {self.bound_hits:,} update elements clamped to exact Adam's "
+                f"bound, {self.floor_hits:,} second-moment elements at the floor code, largest |N| before the "
+                f"bound {self.max_abs_N:.3g} ({self.worst})")
 
 
 def predicted_state(optimizer, params: Iterable[torch.Tensor] | None = None,
@@ -334,16 +395,15 @@ class QuantErrorTracker:
     def moments_before(self, state: dict, block_size: int):
         if "exp_avg_codes" not in state or not self.due(state):
             return None
-        from .quant import dequantize_blockwise
+        from .quant import dequantize_blockwise, dequantize_second_moment
 
         m = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
                                  block_size=block_size)
-        v = dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False,
-                                 block_size=block_size)
+        v = dequantize_second_moment(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], block_size=block_size)
         return m, v
 
     def moments_after(self, before, S: torch.Tensor, state: dict, group: dict, block_size: int) -> None:
-        from .quant import dequantize_blockwise
+        from .quant import dequantize_blockwise, dequantize_second_moment
 
         m, v = before
         beta1, beta2 = group["betas"]
@@ -352,8 +412,8 @@ class QuantErrorTracker:
         v_ref = v.mul_(beta2).addcmul_(S, S, value=1.0 - beta2)
         m_new = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
                                      block_size=block_size)
-        v_new = dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False,
-                                     block_size=block_size)
+        v_new = dequantize_second_moment(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
+                                         block_size=block_size)
         key = state["seed_key"]
         self._add(key, "exp_avg", rel_l2(m_new, m_ref))
         self._add(key, "exp_avg_sq", rel_l2(v_new, v_ref))

@@ -90,6 +90,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -320,8 +322,12 @@ class LocalMatrix:
     def sgd_step(self, G, S, M, P, **kw):
         return proj.projector_sgd_step(G, S, M, P, **kw)
 
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        """A verdict every process holding part of this matrix agrees on (here: the local one)."""
+        return flag
+
     def all_finite(self, t: torch.Tensor) -> bool:
-        return bool(torch.isfinite(t).all())
+        return self.all_true(bool(torch.isfinite(t).all()), t.device)
 
     def cols(self, P: torch.Tensor) -> torch.Tensor:
         """The columns of the (replicated, r×b) projector that meet this process's columns of G."""
@@ -346,8 +352,8 @@ class RowShardedMatrix(LocalMatrix):
     def sgd_step(self, G, S, M, P, **kw):
         return proj.projector_sgd_step(G, S, M, P, all_reduce=self.shard.comm.all_reduce, **kw)
 
-    def all_finite(self, t):
-        return self.shard.all_true(bool(torch.isfinite(t).all()), t.device)
+    def all_true(self, flag, device):
+        return self.shard.all_true(flag, device)
 
 
 class ColumnShardedMatrix(LocalMatrix):
@@ -372,8 +378,8 @@ class ColumnShardedMatrix(LocalMatrix):
     def sgd_step(self, G, S, M, P, **kw):
         return proj.projector_sgd_step(G, S, M, P, col_comm=self.shards, **kw)
 
-    def all_finite(self, t):
-        return self.shard.all_true(bool(torch.isfinite(t).all()), t.device)
+    def all_true(self, flag, device):
+        return self.shard.all_true(flag, device)
 
     def cols(self, P):
         return P[:, self.shards.cols]
@@ -403,7 +409,11 @@ def requantize_blockwise(x: torch.Tensor, *, signed: bool, block_size: int) -> t
     x = x.to(torch.float32).reshape(-1)
     blocks = torch.nn.functional.pad(x, (0, (-n) % block_size)).view(-1, block_size)
     amax = blocks.abs().amax(dim=1)
-    candidates = [amax] + ([amax / code_map(True, x.device)[0].abs()] if signed else [])
+    candidates = [amax]
+    if signed:
+        # max|x| / |code[0]| is the saved absmax up to one rounding of the division: try its neighbours too.
+        A = amax / code_map(True, x.device)[0].abs()
+        candidates += [A, torch.nextafter(A, torch.full_like(A, math.inf)), torch.nextafter(A, torch.zeros_like(A))]
     best_codes, best_absmax, found = None, None, torch.zeros_like(amax, dtype=torch.bool)
     for A in candidates:
         # Quantize with a given absmax A: append A as an extra element of each block (A >= max|x|), so the

@@ -9,9 +9,13 @@ import torch
 
 from . import projection
 from .projection import row_blocks
-from .quant import dequantize_blockwise, quantize_blockwise
+from .bound import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N, adam_update_bound, new_numerics
+from .quant import dequantize_blockwise, dequantize_second_moment, quantize_blockwise, quantize_second_moment
 
 __all__ = [
+    "adam_update_bound",
+    "moments_stay_finite",
+    "new_numerics",
     "adam_moment_update_",
     "moment_update_8bit",
     "moment_update_32bit",
@@ -29,11 +33,37 @@ def adam_moment_update_(
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
 
 
-def _normalized(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int, beta1: float, beta2: float):
-    """N = m̂ / (√v̂ + eps) with Adam's bias correction at ``step`` (1-based)."""
+def moments_stay_finite(g_peak: torch.Tensor, m_peak: torch.Tensor, v_peak: torch.Tensor, *, beta1: float,
+                        beta2: float, step: int) -> torch.Tensor:
+    """0-dim bool tensor: whether Adam's update with a gradient whose largest |entry| is ``g_peak`` keeps
+    m, v, m̂ and v̂ finite, given the moments' largest magnitudes ``m_peak`` / ``v_peak`` (0-dim fp32).
+
+    fp32 rounding is monotone, so bounds computed in the update's own order of operations bound every
+    element; a factor 2 of headroom covers a fused multiply-add rounding differently. A NaN/inf ``g_peak``
+    (a non-finite gradient) gives False too, so this one test replaces a finiteness check of the gradient."""
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
-    return (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+    m_next = m_peak * beta1 + (1.0 - beta1) * g_peak
+    v_next = v_peak * beta2 + ((1.0 - beta2) * g_peak) * g_peak
+    # g² itself overflowing (|g| > 1.8e19) is refused too: no real gradient is that large, and exact Adam's
+    # v̂ at step 1 is g².
+    return (torch.isfinite(m_next * (2.0 / bc1)) & torch.isfinite(v_next * (2.0 / bc2))
+            & torch.isfinite(g_peak * g_peak))
+
+
+def _normalized(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int, beta1: float, beta2: float,
+                numerics: torch.Tensor | None = None):
+    """N = m̂ / (√v̂ + eps) with Adam's bias correction at ``step`` (1-based), clamped to the exact-Adam
+    bound (a no-op for exact moments; see adam_update_bound). ``numerics``: counters updated in place."""
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    N = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+    bound = adam_update_bound(beta1, beta2, step)
+    if numerics is not None:
+        peak = N.abs().amax() if N.numel() else N.new_zeros(())
+        numerics[NUMERICS_BOUND_HITS] += (N.abs() > bound).sum()
+        numerics[NUMERICS_MAX_N] = torch.maximum(numerics[NUMERICS_MAX_N], peak.to(torch.float64))
+    return N.clamp_(-bound, bound)
 
 
 def moment_update_32bit(
@@ -45,11 +75,12 @@ def moment_update_32bit(
     beta2: float,
     eps: float,
     step: int,
+    numerics: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Adam moments in fp32 state, updated in place; returns the normalized update N (fp32)."""
+    """Adam moments in fp32 state, updated in place; returns the normalized update N (fp32, bounded)."""
     g = g.to(torch.float32)
     adam_moment_update_(g, m, v, beta1=beta1, beta2=beta2)
-    return _normalized(m, v, eps=eps, step=step, beta1=beta1, beta2=beta2)
+    return _normalized(m, v, eps=eps, step=step, beta1=beta1, beta2=beta2, numerics=numerics)
 
 
 def moment_update_8bit(
@@ -64,15 +95,21 @@ def moment_update_8bit(
     eps: float,
     step: int,
     block_size: int,
+    numerics: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dequantize m (signed map) and v (unsigned map), apply the Adam moment update with ``g``,
-    requantize in place (codes and absmax), return N = m̂/(√v̂+eps) from the fp32 values before
-    requantization (as bitsandbytes' fused kernel does). Torch twin of ``kernels.moment_update_8bit``."""
+    """Dequantize m (signed map) and v (second-moment format, ``quant``), apply the Adam moment update
+    with ``g``, requantize in place (codes and absmax), return the bounded N = m̂/(√v̂+eps) from the fp32
+    values before requantization (as bitsandbytes' fused kernel does). Torch twin of
+    ``kernels.moment_update_8bit``. The caller checks ``moments_stay_finite`` first (this writes state)."""
     m = dequantize_blockwise(m_codes, m_absmax, signed=True, block_size=block_size)
-    v = dequantize_blockwise(v_codes, v_absmax, signed=False, block_size=block_size)
-    N = moment_update_32bit(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step)
+    v = dequantize_second_moment(v_codes, v_absmax, block_size=block_size)
+    N = moment_update_32bit(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step, numerics=numerics)
     quantize_blockwise(m, signed=True, block_size=block_size, out_codes=m_codes, out_absmax=m_absmax)
-    quantize_blockwise(v, signed=False, block_size=block_size, out_codes=v_codes, out_absmax=v_absmax)
+    quantize_second_moment(v, block_size=block_size, out_codes=v_codes, out_absmax=v_absmax)
+    if numerics is not None:
+        # At the floor code with a non-zero first moment: the elements whose N the floor bounds (where 0.1.0's
+        # zero code gave m̂/eps). Elements that never had a gradient (m = 0) sit at the floor harmlessly.
+        numerics[NUMERICS_FLOOR_HITS] += ((v_codes == 0) & (m != 0)).sum()
     return N
 
 

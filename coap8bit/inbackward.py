@@ -42,6 +42,8 @@ import warnings
 
 import torch
 
+from .optimizer import LowRankGradient, _SkipStep
+
 __all__ = ["InBackward", "attach"]
 
 
@@ -51,8 +53,10 @@ class _Accumulation:
 
     group_index: int  # index into optimizer.param_groups (groups are replaced by load_state_dict)
     micro_batches: int = 0  # gradients received in this cycle
-    lowrank_sum: torch.Tensor | None = None  # Σ S_i for a projected ("matrix") parameter, fp32 a×r
-    nonfinite: bool = False  # some micro-batch's gradient was not finite: the step will be skipped
+    # A projected ("matrix") parameter: S = Σ S_i (fp32 a×r), the P every micro-batch projects with and the
+    # projector refreshed from the first micro-batch, committed only when the step is applied.
+    lowrank: "LowRankGradient | None" = None
+    skip: BaseException | None = None  # why this cycle's step will be skipped (set by a failed micro-batch)
 
 
 class InBackward:
@@ -133,46 +137,53 @@ class InBackward:
             self._finish(p, slot)
 
     def _accumulate_lowrank(self, p, grad, group, slot: _Accumulation, first: bool) -> None:
-        if slot.nonfinite:
+        if slot.skip is not None:
             return
         opt = self.optimizer
         state = opt.state[p]
         if not state:
             opt._init_state(p, "matrix", group, state)
         # The projector can only be refreshed from a full gradient, and only the current micro-batch's exists.
-        S = opt.project_gradient(p, grad, group, state, state["step"] + 1, refresh=first)
-        if S is None:
-            slot.nonfinite, slot.lowrank_sum = True, None
-        elif slot.lowrank_sum is None:
-            slot.lowrank_sum = S
+        try:
+            lowrank = opt.project_gradient(p, grad, group, state, state["step"] + 1, refresh=first,
+                                           P=None if slot.lowrank is None else slot.lowrank.P)
+        except (_SkipStep, torch.linalg.LinAlgError) as e:
+            slot.skip, slot.lowrank = e, None
+            return
+        if slot.lowrank is None:
+            slot.lowrank = lowrank
         else:
-            slot.lowrank_sum.add_(S)
+            slot.lowrank.S.add_(lowrank.S)
 
     def _finish(self, p: torch.Tensor, slot: _Accumulation) -> None:
         opt, group = self.optimizer, self._group(slot)
         if self._accumulates_lowrank(p, group):
             state = opt.state[p]
-            if slot.nonfinite or slot.lowrank_sum is None:
-                opt._count_skipped(state)
-            else:
-                S = slot.lowrank_sum
+            step = state["step"] + 1
+            try:
+                if slot.skip is not None:
+                    raise slot.skip
+                if slot.lowrank is None:
+                    raise _SkipStep
                 if self.max_grad_norm is not None:
-                    clip_norm_(S, self.max_grad_norm)
-                step = state["step"] + 1
-                opt.apply_lowrank(p, S, group, state, step)
+                    clip_norm_(slot.lowrank.S, self.max_grad_norm)
+                opt.apply_lowrank(p, slot.lowrank, group, state, step)  # commits the pending projector
                 state["step"] = step
+            except (_SkipStep, torch.linalg.LinAlgError) as e:
+                opt._count_skipped(state, e)
         elif p.grad is not None:
             if self.max_grad_norm is not None:
                 clip_norm_(p.grad, self.max_grad_norm)
             opt.step_param(p, p.grad, group)
         p.grad = None
-        slot.micro_batches, slot.lowrank_sum, slot.nonfinite = 0, None, False
+        slot.micro_batches, slot.lowrank, slot.skip = 0, None, None
 
 
 def clip_norm_(t: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """Scale ``t`` in place to norm at most ``max_norm`` (clip_grad_norm_'s rule, for one tensor). A
-    non-finite norm leaves ``t`` unchanged: the optimizer then skips the step."""
-    norm = float(torch.linalg.vector_norm(t, dtype=torch.float32))
+    """Scale ``t`` in place to norm at most ``max_norm`` (clip_grad_norm_'s rule, for one tensor). The norm
+    is accumulated in fp64, so a finite gradient never has an infinite norm (‖t‖² of fp32 values up to
+    3.4e38 fits fp64's range); a non-finite one leaves ``t`` unchanged: the optimizer then skips the step."""
+    norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
     if math.isfinite(norm) and norm > max_norm:
         t.mul_(max_norm / (norm + 1e-6))
     return t

@@ -5,13 +5,21 @@ update rules (the math lives in ``functional``, ``projection`` and ``quant``):
 
   "matrix"  2-D weight, rank < min(rows, cols), numel >= min_proj_size: COAP low-rank moments + projector
   "tucker"  4-D conv weight, numel > 9216: COAP on the core of a Tucker (mode-0/1) decomposition
-  "dense8"  anything else with numel >= min_8bit_size under 8-bit: blockwise 8-bit Adam (bitsandbytes' kernel)
+  "dense8"  anything else with numel >= min_8bit_size under 8-bit: blockwise 8-bit Adam (our bounded update)
   "dense32" the rest: fp32 Adam
 
 State holds tensors and Python ints only, so ``torch.load(..., weights_only=True)`` reads a checkpoint.
+
+Numerics (every kind): the normalized update N = m̂/(√v̂+eps) is clamped to exact Adam's bound for the group's
+betas at that step (``bound.adam_update_bound``; a no-op for exact moments, it removes quantization
+artefacts), and counted in ``state["numerics"]``. Each parameter's step is all or nothing: a gradient that is
+not finite, or whose Adam update would overflow fp32, or a refresh whose QR/SVD input is not finite (or
+fails) is a counted skip (``skipped_steps``) with weights and state bit-identical; every gradient is checked
+for shape/sparsity before any parameter steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Callable, Iterable
@@ -22,7 +30,9 @@ from torch.optim import Optimizer
 from . import distributed as _dist
 from . import functional as Fn
 from . import projection as proj
-from .quant import dequantize_blockwise, num_blocks, quantize_blockwise
+from .quant import (FORMAT_VERSION, dequantize_blockwise, dequantize_second_moment, num_blocks, quantize_blockwise,
+                    quantize_second_moment, second_moment_from_v1, second_moment_peak,
+                    second_moment_stored)
 
 __all__ = ["AdamW8bit", "AdamW", "COAPAdamW"]
 
@@ -39,7 +49,7 @@ GROUP_KEY_ALIASES = {"update_proj_gap": "update_interval"}
 _SEED_INIT, _SEED_PROJ_SR, _SEED_PARAM_SR = 1, 2, 3
 
 # State keys of each kind and the dtype each must have (validated on load).
-_U8, _F32 = torch.uint8, torch.float32
+_U8, _F32, _F64 = torch.uint8, torch.float32, torch.float64
 
 
 def _state_spec(kind: str, bits: int) -> dict[str, torch.dtype]:
@@ -51,6 +61,7 @@ def _state_spec(kind: str, bits: int) -> dict[str, torch.dtype]:
             }
         else:
             spec = {"exp_avg": _F32, "exp_avg_sq": _F32}
+        spec["numerics"] = _F64
         if kind == "matrix":
             spec.update({"proj_codes": _U8, "proj_absmax": _F32} if bits == 8 else {"proj": _F32})
         else:
@@ -61,12 +72,18 @@ def _state_spec(kind: str, bits: int) -> dict[str, torch.dtype]:
                 )
         return spec
     if kind == "dense8":
-        return {"exp_avg_codes": _U8, "exp_avg_absmax": _F32, "exp_avg_sq_codes": _U8, "exp_avg_sq_absmax": _F32}
-    return {"exp_avg": _F32, "exp_avg_sq": _F32}
+        return {"exp_avg_codes": _U8, "exp_avg_absmax": _F32, "exp_avg_sq_codes": _U8, "exp_avg_sq_absmax": _F32,
+                "numerics": _F64}
+    return {"exp_avg": _F32, "exp_avg_sq": _F32, "numerics": _F64}
 
 
-_SCALAR_STATE = ("step", "seed_key", "skipped")
-# Block of unprojected tensors' 8-bit state: bitsandbytes' fused blockwise kernel is fixed at 256.
+_SCALAR_STATE = ("step", "seed_key", "skipped", "format")
+# Ablation switch (benchmarks/seed_robustness.py --ablation): unprojected 8-bit tensors through bitsandbytes'
+# fused kernel, as 0.1.0 did, instead of our bounded update. Off: that kernel's N is unbounded and its v map
+# has the zero point; measured equal or worse loss (RESULTS.md, ablation section).
+_DENSE8_BNB_FUSED = False
+# Block of unprojected tensors' 8-bit state: 256, bitsandbytes' (its fused kernel, kept as an ablation, is fixed
+# at 256).
 DENSE_BLOCK = 256
 # Which dimension of the moments each projector's rank indexes: a matrix's moments are a×r; a Tucker
 # core is (r0, r1, kh, kw).
@@ -235,11 +252,18 @@ class COAPAdamW(Optimizer):
         return memory_report(self, names)
 
     def quant_error_report(self, names=None) -> dict:
-        """Per-parameter quantization error and subspace drift (needs ``track_quant_error=K``)."""
-        if self.quant_error_tracker is None:
-            raise RuntimeError("quantization-error tracking is off: construct the optimizer with "
-                               "track_quant_error=K (K >= 1, measure every K-th step)")
-        return self.quant_error_tracker.report(self, names)
+        """Per parameter: {"numerics": the update-bound / floor counters (always; see
+        ``accounting.numerics_report``), and with ``track_quant_error=K`` the quantization error and
+        subspace drift measured every K-th step}."""
+        from .accounting import numerics_report
+
+        if names is not None and not isinstance(names, dict):
+            names = dict(names)  # read twice below: a generator (model.named_parameters()) would be consumed
+        out = {name: {"numerics": entry} for name, entry in numerics_report(self, names).items()}
+        if self.quant_error_tracker is not None:
+            for name, entry in self.quant_error_tracker.report(self, names).items():
+                out.setdefault(name, {}).update(entry)
+        return out
 
     def _install_quant_error_tracking(self, every: int) -> None:
         """Wrap the two requantization points (moment update, projector store) with measurements.
@@ -248,7 +272,7 @@ class COAPAdamW(Optimizer):
         from .accounting import QuantErrorTracker
 
         tracker = self.quant_error_tracker = QuantErrorTracker(every)
-        moment_update, store_proj, load_proj = self._moment_update, self._store_proj, self._load_proj
+        moment_update, commit_proj, load_proj = self._moment_update, self._commit_proj, self._load_proj
 
         def tracked_moment_update(S, state, group, step, block_size):
             before = tracker.moments_before(state, block_size)
@@ -257,17 +281,16 @@ class COAPAdamW(Optimizer):
                 tracker.moments_after(before, S, state, group, block_size)
             return N
 
-        def tracked_store_proj(state, name, P, group, sr_seed):
-            bs = group["block_size"]
+        def tracked_commit_proj(state, pending, group):
+            name, bs = pending.name, group["block_size"]
             P_prev = tracker.projector_before(state, name, lambda: load_proj(state, name, bs))
-            P_target = P.detach().to(torch.float32).clone() if P_prev is not None else None
-            store_proj(state, name, P, group, sr_seed)
+            commit_proj(state, pending, group)
             if P_prev is not None:
-                tracker.projector_after(P_prev, P_target, load_proj(state, name, bs).clone(), state, group,
+                tracker.projector_after(P_prev, pending.target, load_proj(state, name, bs).clone(), state, group,
                                         name)
 
         self._moment_update = tracked_moment_update
-        self._store_proj = tracked_store_proj
+        self._commit_proj = tracked_commit_proj
 
     @property
     def skipped_steps(self) -> int:
@@ -284,10 +307,11 @@ class COAPAdamW(Optimizer):
             # Attached params were stepped by their gradient hooks and hold no gradient; this only completes
             # an accumulation cycle that ended early (e.g. HF Trainer's last, shorter cycle of an epoch).
             self._in_backward.flush()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, p.grad, group)
+        todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p, _ in todo:  # every gradient checked before any parameter steps: no half-applied step
+            _check_grad(p, p.grad)
+        for p, group in todo:
+            self.step_param(p, p.grad, group)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -321,33 +345,36 @@ class COAPAdamW(Optimizer):
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> bool:
-        """One optimizer step for one parameter. Returns False if it was skipped (non-finite gradient)."""
-        if grad.is_sparse:
-            raise RuntimeError("coap8bit does not support sparse gradients (e.g. nn.Embedding(sparse=True))")
-        if grad.shape != p.shape:
-            raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(p.shape)}")
+        """One optimizer step for one parameter, all or nothing. Returns False if it was skipped (the
+        gradient, or what the step would compute from it, is not finite; or QR/SVD failed): then the
+        parameter and its state are bit-identical to before, and the skip is counted."""
+        _check_grad(p, grad)
         kind = self.param_kind(p, group)
         state = self.state[p]
         if not state:
             self._init_state(p, kind, group, state)
         step = state["step"] + 1
-        if kind == "matrix":
-            done = self._step_matrix(p, grad, group, state, step)
-        elif kind == "tucker":
-            done = self._step_tucker(p, grad, group, state, step)
-        else:
-            done = self._step_dense(p, grad, group, state, step, kind)
-        if done:
-            state["step"] = step
-        else:
-            self._count_skipped(state)
-        return done
+        try:
+            if kind == "matrix":
+                self._step_matrix(p, grad, group, state, step)
+            elif kind == "tucker":
+                self._step_tucker(p, grad, group, state, step)
+            else:
+                self._step_dense(p, grad, group, state, step, kind)
+        except (_SkipStep, torch.linalg.LinAlgError) as e:
+            self._count_skipped(state, e)
+            return False
+        state["step"] = step
+        return True
 
-    def _count_skipped(self, state: dict) -> None:
+    def _count_skipped(self, state: dict, cause: Exception | None = None) -> None:
         state["skipped"] += 1
-        if "nonfinite" not in self._warned:
-            self._warned.add("nonfinite")
-            warnings.warn("coap8bit: non-finite gradient; that parameter's step was skipped and its state "
+        why = "linalg" if isinstance(cause, torch.linalg.LinAlgError) else "nonfinite"
+        if why not in self._warned:
+            self._warned.add(why)
+            what = (f"QR/SVD of the projector refresh failed ({cause})" if why == "linalg" else
+                    "non-finite gradient (or moments that would overflow fp32)")
+            warnings.warn(f"coap8bit: {what}; that parameter's step was skipped and its state and weights "
                           "left unchanged (count: optimizer.skipped_steps). Warned once.", stacklevel=4)
 
     # ------------------------------------------------------------------ state
@@ -356,6 +383,8 @@ class COAPAdamW(Optimizer):
         dev = p.device
         state["step"] = 0
         state["skipped"] = 0
+        state["format"] = FORMAT_VERSION
+        state["numerics"] = Fn.new_numerics(dev)
         state["seed_key"] = self._param_keys.get(p, len(self._param_keys))
         if kind == "tucker" and p in self._shards:
             raise NotImplementedError(f"conv weight {tuple(p.shape)} sharded by FSDP2: the Tucker projection of "
@@ -375,42 +404,71 @@ class COAPAdamW(Optimizer):
     def _seed(self, state: dict, step: int, purpose: int) -> int:
         return proj.derive_seed(self.seed, state["seed_key"], step, purpose)
 
+    def _quant_fn(self, name: str, device: torch.device):
+        """quantize_blockwise / dequantize_blockwise for this optimizer's backend on ``device``."""
+        if self.backend == "torch":
+            return quantize_blockwise if name == "quantize" else dequantize_blockwise
+        from .kernels import dispatch  # "auto"/"triton": the dispatcher picks the Triton kernel or the twin
+
+        return getattr(dispatch, name + "_blockwise")(self.backend, device)
+
     def _load_proj(self, state: dict, name: str, block_size: int) -> torch.Tensor:
         if name in state:
             return state[name]
         codes = state[name + "_codes"]
-        dequantize = dequantize_blockwise
-        if self.backend != "torch":  # "auto"/"triton": the dispatcher picks the Triton kernel or this twin
-            from .kernels import dispatch
+        return self._quant_fn("dequantize", codes.device)(codes, state[name + "_absmax"], signed=True,
+                                                          block_size=block_size)
 
-            dequantize = dispatch.dequantize_blockwise(self.backend, codes.device)
-        return dequantize(codes, state[name + "_absmax"], signed=True, block_size=block_size)
+    def _quantize_proj(self, name: str, P: torch.Tensor, group: dict, sr_seed: int | None) -> _PendingProjector:
+        """A new projector as it will be stored (8-bit: quantized into fresh codes), not yet in the state:
+        the step commits it only once it is known to succeed."""
+        P = P.to(torch.float32)
+        if group["optim_bits"] != 8:
+            return _PendingProjector(name, P, P)
+        noise = proj.seeded_uniform(tuple(P.shape), sr_seed, P.device) if sr_seed is not None else None
+        bs = group["block_size"]
+        codes, absmax = self._quant_fn("quantize", P.device)(P, signed=True, block_size=bs, noise=noise)
+        stored = self._quant_fn("dequantize", P.device)(codes, absmax, signed=True, block_size=bs)
+        return _PendingProjector(name, P, stored, codes, absmax)
 
-    def _store_proj(self, state: dict, name: str, P: torch.Tensor, group: dict, sr_seed: int | None) -> None:
-        if name in state:
-            state[name].copy_(P)
-            return
-        noise = None
-        if sr_seed is not None:
-            noise = proj.seeded_uniform(tuple(P.shape), sr_seed, P.device)
-        quantize = quantize_blockwise
-        if self.backend != "torch":  # "auto"/"triton": the dispatcher picks the Triton kernel or this twin
-            from .kernels import dispatch
-
-            quantize = dispatch.quantize_blockwise(self.backend, P.device)
-        quantize(P, signed=True, block_size=group["block_size"], out_codes=state[name + "_codes"],
-                 out_absmax=state[name + "_absmax"], noise=noise)
+    def _commit_proj(self, state: dict, pending: _PendingProjector, group: dict) -> None:
+        """Write a pending projector into the state (rotating the moments into its basis if asked)."""
+        name = pending.name
+        P_old = None
+        if group["rotate_moments"] and state["step"] > 0:
+            P_old = self._load_proj(state, name, group["block_size"]).clone()
+        if pending.codes is None:
+            state[name].copy_(pending.P)
+        else:
+            state[name + "_codes"].copy_(pending.codes)
+            state[name + "_absmax"].copy_(pending.absmax)
+        if P_old is not None:
+            self._rotate_moments(state, proj.rotation(P_old, pending.P), group, dim=_MOMENT_RANK_DIM[name])
 
     # ------------------------------------------------------------------ update rules
+    def _moments_fit(self, g: torch.Tensor, state: dict, group: dict, step: int, ops=None) -> None:
+        """Raise _SkipStep unless an Adam update with ``g`` keeps the moments finite (which also requires g
+        finite): checked before anything is written, so a skipped step leaves state bit-identical. One host
+        sync; on FSDP2 shards the verdict is all-reduced so that every rank skips alike."""
+        beta1, beta2 = group["betas"]
+        if "exp_avg_codes" in state:
+            m_peak = state["exp_avg_absmax"].amax()
+            v_peak = second_moment_peak(state["exp_avg_sq_absmax"])
+        else:
+            m_peak, v_peak = state["exp_avg"].abs().amax(), state["exp_avg_sq"].amax()
+        g_peak = g.abs().amax().to(torch.float32)
+        fits = Fn.moments_stay_finite(g_peak, m_peak, v_peak, beta1=beta1, beta2=beta2, step=step)
+        _require(bool(fits) if ops is None else ops.all_true(bool(fits), fits.device))
+
     def _moment_update(self, S: torch.Tensor, state: dict, group: dict, step: int, block_size: int) -> torch.Tensor:
         beta1, beta2 = group["betas"]
         if "exp_avg" in state:
             return Fn.moment_update_32bit(S, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2,
-                                          eps=group["eps"], step=step)
+                                          eps=group["eps"], step=step, numerics=state["numerics"])
         update = _moment_update_8bit_impl(self.backend, S.device)
         return update(S, state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
                       state["exp_avg_sq_absmax"], beta1=beta1, beta2=beta2, eps=group["eps"], step=step,
-                      block_size=block_size)
+                      block_size=block_size, numerics=state["numerics"])
 
     def _rotate_moments(self, state: dict, C: torch.Tensor, group: dict, dim: int = 1) -> None:
         """m <- m C, v <- v (C∘C) along the moments' rank dimension ``dim`` (1 for a matrix's a×r
@@ -425,11 +483,11 @@ class COAPAdamW(Optimizer):
             state["exp_avg_sq"].copy_(along(state["exp_avg_sq"], C * C))
             return
         m = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True, block_size=bs)
-        v = dequantize_blockwise(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False, block_size=bs)
+        v = dequantize_second_moment(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], block_size=bs)
         quantize_blockwise(along(m, C), signed=True, block_size=bs, out_codes=state["exp_avg_codes"],
                            out_absmax=state["exp_avg_absmax"])
-        quantize_blockwise(along(v, C * C).clamp_min_(0.0), signed=False, block_size=bs,
-                           out_codes=state["exp_avg_sq_codes"], out_absmax=state["exp_avg_sq_absmax"])
+        quantize_second_moment(along(v, C * C).clamp_min_(0.0), block_size=bs, out_codes=state["exp_avg_sq_codes"],
+                               out_absmax=state["exp_avg_sq_absmax"])
 
     def _first_moment(self, state: dict, group: dict) -> torch.Tensor:
         if "exp_avg" in state:
@@ -437,157 +495,137 @@ class COAPAdamW(Optimizer):
         return dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
                                     block_size=group["block_size"])
 
-    def _refresh_projector(self, G: torch.Tensor, S_old: torch.Tensor | None, state: dict, group: dict,
-                           step: int, name: str, rank: int,
-                           ops: _dist.LocalMatrix | None = None) -> torch.Tensor | None:
-        """Maintain one projector (r×b) of canonical gradient G (a×b) at ``step``; returns the new
-        fp32 projector when it changed, else None. ``ops``: the math for this process's part of G
-        (``distributed.matrix_ops``; default the whole G). Schedule (t = step, 1-based):
-          t == 1                           initial P: range finder on a seeded Gaussian sketch
-          (t-1) % (T_u·factor) == 0        warm-started range finder, sketch Y = G P_oldᵀ = S_old
-          (t-1) % T_u == 0                 correlation-aware SGD step
-        """
-        T_u = group["update_interval"]
-        T = T_u * group["reproject_factor"]
+    def _refresh_projector(self, G: torch.Tensor, S_old: torch.Tensor | None, P_old: torch.Tensor | None,
+                           state: dict, group: dict, step: int, name: str, rank: int,
+                           ops: _dist.LocalMatrix | None = None) -> _PendingProjector | None:
+        """The refreshed projector (r×b) of canonical gradient G (a×b) at ``step``, pending (not yet
+        stored), or None when none is due. ``ops``: the math for this process's part of G
+        (``distributed.matrix_ops``; default the whole G). Raises _SkipStep rather than run QR/SVD on
+        non-finite data. Schedule: see ``refresh_event``; Tucker factors get no SGD step."""
+        event = refresh_event(step, group)
         ops = ops if ops is not None else _dist.LocalMatrix()
-        if step == 1:
+        if event is None or (event == "sgd" and name != "proj"):
+            return None
+        if event == "init":
             # Seeded from (seed, seed_key): the same Ω on every rank, so FSDP2 shards agree on P.
             omega = proj.seeded_normal((ops.width(G), rank), self._seed(state, 0, _SEED_INIT), G.device)
-            P_new = proj.canonical_signs(ops.range_finder(G, ops.sketch(G, omega), rank, group["power_iters"]))
-            self._store_proj(state, name, P_new, group, sr_seed=None)
-            return self._load_proj(state, name, group["block_size"])  # as stored: every step uses this P
-        if (step - 1) % T_u != 0:
-            return None
-        P_old = self._load_proj(state, name, group["block_size"])
-        if (step - 1) % T == 0:
-            P_new = ops.range_finder(G, S_old, rank, group["power_iters"])
-            P_new = proj.align_signs(P_new, P_old)
+            sketch = ops.sketch(G, omega)
+            _require(ops.all_finite(sketch))
+            P_new = proj.canonical_signs(ops.range_finder(G, sketch, rank, group["power_iters"]))
+            sr_seed = None
+        elif event == "reproject":
+            _require(ops.all_finite(S_old))
+            P_new = proj.align_signs(ops.range_finder(G, S_old, rank, group["power_iters"]), P_old)
             sr_seed = None
         else:
-            M = self._first_moment(state, group) if name == "proj" else None
-            if M is None:
-                return None  # Tucker factors are only re-projected (no SGD step; see _step_tucker)
-            P_new, _ = ops.sgd_step(G, S_old, M, P_old, lr=group["proj_lr"],
+            _require(ops.all_finite(S_old))
+            P_new, _ = ops.sgd_step(G, S_old, self._first_moment(state, group), P_old, lr=group["proj_lr"],
                                     max_grad_norm=group["proj_max_grad_norm"], objective=group["proj_objective"])
             sr_seed = self._seed(state, step, _SEED_PROJ_SR) if group["proj_rounding"] == "stochastic" else None
-        self._store_proj(state, name, P_new, group, sr_seed)
-        P_stored = self._load_proj(state, name, group["block_size"])
-        if group["rotate_moments"]:
-            self._rotate_moments(state, proj.rotation(P_old, P_stored), group, dim=_MOMENT_RANK_DIM[name])
-        return P_stored
+        _require(bool(torch.isfinite(P_new).all()))  # P is replicated: every rank decides alike
+        return self._quantize_proj(name, P_new, group, sr_seed)
 
     def _param_sr_seed(self, p: torch.Tensor, group: dict, state: dict, step: int) -> int | None:
         if p.dtype == torch.bfloat16 and group["bf16_stochastic_rounding"]:
             return self._seed(state, step, _SEED_PARAM_SR)
         return None
 
-    def _step_matrix(self, p, grad, group, state, step) -> bool:
-        S, P = self._project(p, grad, group, state, step, refresh=True)
-        if S is None:
-            return False
-        self.apply_lowrank(p, S, group, state, step, P=P)  # P passed on: dequantized once per step
-        return True
+    def _step_matrix(self, p, grad, group, state, step) -> None:
+        lowrank = self.project_gradient(p, grad, group, state, step, refresh=True)
+        self.apply_lowrank(p, lowrank, group, state, step)
 
-    def project_gradient(self, p, grad, group, state, step, *, refresh: bool) -> torch.Tensor | None:
-        """Low-rank gradient S = G Pᵀ (fp32, a×r) of a "matrix" parameter for its step number ``step``,
-        or None if it is not finite. With ``refresh`` the projector is first initialised / SGD-stepped /
-        re-projected from this gradient when ``step`` is due (see _refresh_projector); without it the
-        current P is used as it is (e.g. later micro-batches of an accumulated step)."""
-        return self._project(p, grad, group, state, step, refresh=refresh)[0]
-
-    def _project(self, p, grad, group, state, step, *, refresh: bool):
-        """(S, fp32 P that produced it), or (None, None) when not finite: see project_gradient."""
+    def project_gradient(self, p, grad, group, state, step, *, refresh: bool,
+                         P: torch.Tensor | None = None) -> LowRankGradient:
+        """Low-rank gradient S = G Pᵀ (fp32, a×r) of a "matrix" parameter for its step number ``step``.
+        With ``refresh`` the projector is first initialised / SGD-stepped / re-projected from this
+        gradient when ``step`` is due; the new projector is returned pending, to be committed by
+        :meth:`apply_lowrank`. Without it the given ``P`` (or the stored one) is used as it is (e.g. later
+        micro-batches of an accumulated step). Raises _SkipStep on non-finite data; writes no state."""
         layout = _matrix_layout(p, group)  # from the global shape (DTensor.shape), the same on every rank
         ops = self._matrix_ops(p, layout)
         G = proj.canonical(_dist.local(grad), layout)
-        # Finiteness checks agree across FSDP2 ranks (ops.all_finite), so all skip or none: the refreshes'
-        # collectives never wait for a rank that skipped.
+        pending = None
         if refresh and state["step"] == 0:  # first step (or first one not skipped): initial projector
-            if not ops.all_finite(G):
-                return None, None
-            P = self._refresh_projector(G, None, state, group, 1, "proj", layout.rank, ops)
-            return ops.lowrank(G, P), P
-        P = self._load_proj(state, "proj", group["block_size"])
+            _require(ops.all_finite(G))
+            pending = self._refresh_projector(G, None, None, state, group, 1, "proj", layout.rank, ops)
+            P = pending.P
+        elif P is None:
+            P = self._load_proj(state, "proj", group["block_size"])
         S = ops.lowrank(G, P)
-        # NaN/inf in G reach S (inf·0 = NaN), so checking the a×r S is enough and cheaper than G.
-        if not ops.all_finite(S):
-            return None, None
-        if refresh and step > 1:
-            P_new = self._refresh_projector(G, S, state, group, step, "proj", layout.rank, ops)
-            if P_new is not None:
-                P = P_new
+        if refresh and state["step"] > 0:
+            pending = self._refresh_projector(G, S, P, state, group, step, "proj", layout.rank, ops)
+            if pending is not None:
+                P = pending.P
                 S = ops.lowrank(G, P)
-        return S, P
+        return LowRankGradient(S, P, pending)
 
     def _matrix_ops(self, p: torch.Tensor, layout: proj.ProjLayout) -> _dist.LocalMatrix:
         return _dist.matrix_ops(self._shards.get(p), layout.transposed)
 
-    def apply_lowrank(self, p, S, group, state, step, *, P: torch.Tensor | None = None) -> None:
-        """Moment update with the low-rank gradient S, then W <- (1-lr·wd) W - lr·scale · N P
-        (P: the current fp32 projector if the caller has it, else dequantized here)."""
+    def apply_lowrank(self, p, lowrank: LowRankGradient, group, state, step) -> None:
+        """Commit a pending projector, update the moments with the low-rank gradient S, then
+        W <- (1-lr·wd) W - lr·scale · N P. Raises _SkipStep, with nothing written, when the moments would
+        not stay finite (a non-finite S included)."""
         layout = _matrix_layout(p, group)
-        if P is None:
-            P = self._load_proj(state, "proj", group["block_size"])
-        N = self._moment_update(S, state, group, step, group["block_size"])
+        ops = self._matrix_ops(p, layout)
+        self._moments_fit(lowrank.S, state, group, step, ops)
+        if lowrank.pending is not None:
+            self._commit_proj(state, lowrank.pending, group)
+        N = self._moment_update(lowrank.S, state, group, step, group["block_size"])
         # FSDP2: this shard's rows of W (right) or its columns of canonical Wᵀ with P's matching columns (left).
-        Fn.apply_matrix_update_(proj.canonical(_dist.local(p), layout), N, self._matrix_ops(p, layout).cols(P),
+        Fn.apply_matrix_update_(proj.canonical(_dist.local(p), layout), N, ops.cols(lowrank.P),
                                 lr=group["lr"], weight_decay=group["weight_decay"], scale=group["scale"],
                                 sr_seed=self._param_sr_seed(p, group, state, step))
 
-    def _step_tucker(self, p, grad, group, state, step) -> bool:
+    def _step_tucker(self, p, grad, group, state, step) -> None:
         """Conv weight (O, I, kh, kw): moments live on the core C = G ×₀ U0ᵀ ×₁ U1ᵀ (r0, r1, kh, kw), the
         update is N ×₀ U0 ×₁ U1. Each factor U_k is maintained as the projector of the mode-k unfolding
         (transposed so it is canonical): initial and warm-started re-projection as for matrices; the
         correlation-aware SGD step is a matrix-only feature."""
-        if not bool(torch.isfinite(grad).all()):
-            return False
+        _require(bool(torch.isfinite(grad).all()))
         r0, r1 = _tucker_ranks(p.shape, group)
         G = grad.to(torch.float32)
-        factors = []
+        factors, pendings = [], []
         for mode, r in ((0, r0), (1, r1)):
             name = f"factor{mode}"
             unfold = G.movedim(mode, 0).reshape(G.shape[mode], -1).mT  # (rest, dim_mode)
-            U = None
-            if step > 1:
-                U = self._load_proj(state, name, group["block_size"])
-                if (step - 1) % (group["update_interval"] * group["reproject_factor"]) != 0:
-                    factors.append(U)
-                    continue
-            U_new = self._refresh_projector(unfold, unfold @ U.mT if U is not None else None, state,
-                                            group, step, name, r)
-            factors.append(U_new)
+            U = self._load_proj(state, name, group["block_size"]) if state["step"] > 0 else None
+            pending = self._refresh_projector(unfold, unfold @ U.mT if U is not None else None, U, state, group,
+                                              step, name, r)
+            if pending is not None:
+                pendings.append(pending)
+                U = pending.P
+            factors.append(U)
         U0, U1 = factors
         core = torch.einsum("oikl,ao,bi->abkl", G, U0, U1)
+        self._moments_fit(core, state, group, step)
+        for pending in pendings:
+            self._commit_proj(state, pending, group)
         N = self._moment_update(core, state, group, step, group["block_size"])
         full = torch.einsum("abkl,ao,bi->oikl", N, U0, U1).mul_(group["scale"])
         Fn.apply_dense_update_(p, full, lr=group["lr"], weight_decay=group["weight_decay"],
                                sr_seed=self._param_sr_seed(p, group, state, step))
-        return True
 
-    def _step_dense(self, p, grad, group, state, step, kind) -> bool:
+    def _step_dense(self, p, grad, group, state, step, kind) -> None:
         shard = self._shards.get(p)
         p, grad = _dist.local(p), _dist.local(grad)  # FSDP2: Adam is elementwise, so the shard steps alone
-        finite = bool(torch.isfinite(grad).all())
-        if shard is not None:  # but all ranks skip together, so the shards' step counts stay equal
-            finite = shard.all_true(finite, grad.device)
-        if not finite:
-            return False
+        # ... but all ranks skip together, so the shards' step counts stay equal.
+        self._moments_fit(grad, state, group, step, shard)
         beta1, beta2 = group["betas"]
         sr_seed = self._param_sr_seed(p, group, state, step)
-        if kind == "dense8" and sr_seed is None and p.is_contiguous() and grad.is_contiguous():
-            # bitsandbytes' fused blockwise kernel (block 256, same code maps) for tensors we don't project.
+        if _DENSE8_BNB_FUSED and kind == "dense8" and sr_seed is None and p.is_contiguous() and grad.is_contiguous():
+            # Ablation only (see _DENSE8_BNB_FUSED): bitsandbytes' fused blockwise kernel, 0.1.0's dense8 path.
             import bitsandbytes.functional as bnbf
-            from .quant import code_map
+            from .quant import _code_map_cpu, code_map
 
             bnbf.optimizer_update_8bit_blockwise(
                 "adam", grad, p, state["exp_avg_codes"], state["exp_avg_sq_codes"], beta1, beta2, 0.0, 0.0,
-                group["eps"], step, group["lr"], code_map(True, p.device), code_map(False, p.device),
+                group["eps"], step, group["lr"], code_map(True, p.device), _code_map_cpu(False, True).to(p.device),
                 state["exp_avg_absmax"], state["exp_avg_sq_absmax"], weight_decay=group["weight_decay"],
             )
-            return True
+            return
         N = self._moment_update(grad.to(torch.float32), state, group, step, DENSE_BLOCK)
         Fn.apply_dense_update_(p, N, lr=group["lr"], weight_decay=group["weight_decay"], sr_seed=sr_seed)
-        return True
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -643,10 +681,60 @@ class COAPAdamW(Optimizer):
                 if p in self._shards and self.state.get(p):
                     _import_sharded_state(p, self.state[p], self.param_kind(p, group), group)
                 if self.state.get(p):
+                    _upgrade_state(self.state[p], self.param_kind(p, group), group)
                     _validate_param_state(p, self.state[p], self.param_kind(p, group), group)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+class _SkipStep(Exception):
+    """Raised inside one parameter's step, before any state is written, when it must be skipped."""
+
+
+def _require(ok: bool) -> None:
+    if not ok:
+        raise _SkipStep
+
+
+def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise RuntimeError("coap8bit does not support sparse gradients (e.g. nn.Embedding(sparse=True))")
+    if grad.shape != p.shape:
+        raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(p.shape)}")
+
+
+@dataclasses.dataclass
+class _PendingProjector:
+    """A refreshed projector computed but not yet written: ``P`` is the fp32 value every product of this
+    step uses (the dequantized codes under 8-bit), ``target`` what the refresh computed before rounding."""
+
+    name: str
+    target: torch.Tensor
+    P: torch.Tensor
+    codes: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class LowRankGradient:
+    """S = G Pᵀ (fp32, a×r), the P that produced it and, at a refresh, the pending new projector."""
+
+    S: torch.Tensor
+    P: torch.Tensor
+    pending: _PendingProjector | None = None
+
+
+def refresh_event(step: int, group: dict) -> str | None:
+    """The projector schedule (t = step, 1-based): "init" at t == 1 (range finder on a seeded Gaussian
+    sketch); "reproject" when (t-1) % (T_u·factor) == 0 (warm-started range finder, sketch G P_oldᵀ);
+    "sgd" when (t-1) % T_u == 0 (correlation-aware SGD step); else None."""
+    if step == 1:
+        return "init"
+    T_u = group["update_interval"]
+    if (step - 1) % (T_u * group["reproject_factor"]) == 0:
+        return "reproject"
+    return "sgd" if (step - 1) % T_u == 0 else None
+
+
 def _moment_update_8bit_impl(backend: str, device: torch.device):
     from .kernels import dispatch  # no Triton import unless a kernel is selected
 
@@ -718,8 +806,9 @@ def _export_sharded_state(p, state: dict, kind: str, group: dict, shard: "_dist.
         return out
     for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         if name + "_codes" in out:
-            value = dequantize_blockwise(out.pop(name + "_codes"), out.pop(name + "_absmax"), signed=signed,
-                                         block_size=bs)
+            codes, absmax = out.pop(name + "_codes"), out.pop(name + "_absmax")
+            value = (dequantize_blockwise(codes, absmax, signed=True, block_size=bs) if signed else
+                     dequantize_second_moment(codes, absmax, block_size=bs))  # the moments themselves: m and v
         else:
             value = out[name]
         out[name] = shard.as_dtensor(value)
@@ -739,7 +828,7 @@ def _import_sharded_state(p, state: dict, kind: str, group: dict) -> None:
         if quantized:
             del state[name]
             state[name + "_codes"], state[name + "_absmax"] = _dist.requantize_blockwise(
-                value, signed=signed, block_size=bs)
+                value if signed else second_moment_stored(value), signed=signed, block_size=bs)
         else:
             state[name] = value.contiguous().clone()
 
@@ -770,6 +859,7 @@ def _expected_shapes(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple
     else:
         add("exp_avg", _dist.local(p).shape, _state_bits(kind, group), DENSE_BLOCK)  # FSDP2: this process's shard
         add("exp_avg_sq", _dist.local(p).shape, _state_bits(kind, group), DENSE_BLOCK)
+    shapes["numerics"] = (3,)
     return shapes
 
 
@@ -783,6 +873,26 @@ def _expected_state(p: torch.Tensor, kind: str, group: dict) -> dict[str, tuple[
 def _state_bits(kind: str, group: dict) -> int:
     """Width of a kind's state: the group's for projected kinds; dense8/dense32 say it in their name."""
     return group["optim_bits"] if kind in ("matrix", "tucker") else (8 if kind == "dense8" else 32)
+
+
+def _upgrade_state(state: dict, kind: str, group: dict) -> None:
+    """Bring a loaded state to the current format: a 0.1.0 checkpoint (no "format" key, version 1) stored
+    v itself on bitsandbytes' unsigned map; it is decoded and re-stored as √v (one rounding), and its
+    numerics counters start at zero."""
+    version = state.get("format", 1)
+    if version == FORMAT_VERSION:
+        return
+    if version != 1:
+        raise ValueError(f"loaded optimizer state has format version {version!r}; this coap8bit reads versions 1 "
+                         f"and {FORMAT_VERSION} (a checkpoint from a newer coap8bit?)")
+    if "exp_avg_sq_codes" in state:
+        bs = DENSE_BLOCK if kind in ("dense8", "dense32") else group["block_size"]
+        codes, absmax = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
+        if tuple(absmax.shape) == (num_blocks(codes.numel(), bs),):  # else the layout check below reports it
+            v = second_moment_from_v1(codes, absmax, block_size=bs)
+            quantize_second_moment(v, block_size=bs, out_codes=codes, out_absmax=absmax)
+    state.setdefault("numerics", Fn.new_numerics(next(t.device for t in state.values() if torch.is_tensor(t))))
+    state["format"] = FORMAT_VERSION
 
 
 def _validate_param_state(p: torch.Tensor, state: dict, kind: str, group: dict) -> None:

@@ -2,9 +2,11 @@
 
 Triton twin of ``coap8bit.functional.moment_update_8bit`` (same signature and results). One program per
 quantization block: it reads the block's gradient (fp32 or bf16), the uint8 codes and fp32 absmax of the
-first moment m (signed map) and second moment v (unsigned map), and writes back the new codes and absmax
-in place plus the normalized update N = m̂ / (√v̂ + eps) in fp32, computed from the fp32 moments before
-requantization (as bitsandbytes' fused kernel and the torch twin do).
+first moment m (signed map) and of √v (the second-moment format: zero-free unsigned map, see
+``coap8bit.quant``), and writes back the new codes and absmax in place plus the normalized update
+N = m̂ / (√v̂ + eps) in fp32, computed from the fp32 moments before requantization (as bitsandbytes' fused
+kernel and the torch twin do) and clamped to the exact-Adam bound; the parameter's numerics counters
+(bound hits, floor hits, largest |N|) are updated with three atomics per program.
 
 Bytes per element: read g (4 or 2) + 2 codes (2), write 2 codes (2) + N (4), plus 2·4 bytes of absmax per
 block each way: 12 B/element with an fp32 gradient, 10 with bf16.
@@ -19,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..bound import adam_update_bound, new_numerics
+from .. import quant as _format
 from ..quant import code_map, num_blocks
 from .quant import _block_absmax, _nearest_code, _num_warps, check_block_size, check_tensor, midpoint_table
 
@@ -27,9 +31,9 @@ __all__ = ["moment_update_8bit"]
 
 @triton.jit
 def _moment_update_8bit_kernel(
-    g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr, n_out_ptr,
+    g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr, n_out_ptr, numerics_ptr,
     m_code_ptr, v_code_ptr, m_mid_ptr, v_mid_ptr,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, bias_correction2,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction1, bias_correction2, bound,
     n_elements, BLOCK: tl.constexpr,
 ):
     block = tl.program_id(0).to(tl.int64)
@@ -40,7 +44,8 @@ def _moment_update_8bit_kernel(
     m_idx = tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
     v_idx = tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
     m = tl.load(m_code_ptr + m_idx) * tl.load(m_absmax_ptr + block)
-    v = tl.load(v_code_ptr + v_idx) * tl.load(v_absmax_ptr + block)
+    sqrt_v = tl.load(v_code_ptr + v_idx) * tl.load(v_absmax_ptr + block)
+    v = sqrt_v * sqrt_v
 
     # Adam's moments, in the torch twin's order of operations (m·β1 + (1-β1)·g; v·β2 + ((1-β2)·g)·g).
     m = m * beta1 + one_minus_beta1 * g
@@ -49,15 +54,24 @@ def _moment_update_8bit_kernel(
     m = tl.where(mask, m, 0.0)
     v = tl.where(mask, v, 0.0)
 
-    n_out = tl.div_rn(tl.div_rn(m, bias_correction1), tl.sqrt_rn(tl.div_rn(v, bias_correction2)) + eps)
-    tl.store(n_out_ptr + offs, n_out, mask=mask)
+    n_raw = tl.div_rn(tl.div_rn(m, bias_correction1), tl.sqrt_rn(tl.div_rn(v, bias_correction2)) + eps)
+    tl.store(n_out_ptr + offs, tl.clamp(n_raw, -bound, bound, propagate_nan=tl.PropagateNan.ALL), mask=mask)
 
+    sqrt_v = tl.sqrt_rn(v)
     m_absmax, m_div = _block_absmax(m)
-    v_absmax, v_div = _block_absmax(v)
+    v_absmax, v_div = _block_absmax(sqrt_v)
+    v_new_idx = _nearest_code(tl.div_rn(sqrt_v, v_div), v_mid_ptr, False)
     tl.store(m_codes_ptr + offs, _nearest_code(tl.div_rn(m, m_div), m_mid_ptr, True).to(tl.uint8), mask=mask)
-    tl.store(v_codes_ptr + offs, _nearest_code(tl.div_rn(v, v_div), v_mid_ptr, False).to(tl.uint8), mask=mask)
+    tl.store(v_codes_ptr + offs, v_new_idx.to(tl.uint8), mask=mask)
     tl.store(m_absmax_ptr + block, m_absmax)
     tl.store(v_absmax_ptr + block, v_absmax)
+
+    n_abs = tl.where(mask, tl.abs(n_raw), 0.0)
+    bound_hits = tl.sum((n_abs > bound).to(tl.int32), axis=0)
+    floor_hits = tl.sum(((v_new_idx == 0) & (m != 0.0) & mask).to(tl.int32), axis=0)
+    tl.atomic_add(numerics_ptr + 0, bound_hits.to(tl.float64))
+    tl.atomic_add(numerics_ptr + 1, floor_hits.to(tl.float64))
+    tl.atomic_max(numerics_ptr + 2, tl.max(n_abs, axis=0).to(tl.float64))
 
 
 def moment_update_8bit(
@@ -72,9 +86,11 @@ def moment_update_8bit(
     eps: float,
     step: int,
     block_size: int,
+    numerics: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton twin of :func:`coap8bit.functional.moment_update_8bit`: updates the codes and absmax of m
-    and v in place and returns N = m̂/(√v̂+eps) (fp32, shaped like ``g``).
+    and v in place and returns the bounded N = m̂/(√v̂+eps) (fp32, shaped like ``g``); adds to the
+    ``numerics`` counters (fp64, 3 entries) when given.
 
     All tensors on one device, the in-place state contiguous; ``g`` fp32 or bf16; codes uint8 with g's number of elements;
     absmax fp32 with one entry per block of ``block_size`` (a power of two in [32, 4096])."""
@@ -96,15 +112,21 @@ def moment_update_8bit(
     check_tensor("v_codes", v_codes, dtypes=(torch.uint8,), numel=n, device=device)
     check_tensor("m_absmax", m_absmax, dtypes=(torch.float32,), numel=nb, device=device)
     check_tensor("v_absmax", v_absmax, dtypes=(torch.float32,), numel=nb, device=device)
+    if numerics is None:
+        numerics = new_numerics(device)
+    check_tensor("numerics", numerics, dtypes=(torch.float64,), numel=3, device=device)
+    if not _format._V_AS_SQRT or _format._UNSIGNED_HAS_ZERO:  # the ablation switches of coap8bit.quant
+        raise NotImplementedError("the Triton kernel implements the second-moment format version 2 (√v on the "
+                                  "zero-free map) only")
     n_out = torch.empty(g.shape, dtype=torch.float32, device=device)
     if n == 0:
         return n_out
     _moment_update_8bit_kernel[(nb,)](
-        g, m_codes, m_absmax, v_codes, v_absmax, n_out,
+        g, m_codes, m_absmax, v_codes, v_absmax, n_out, numerics,
         code_map(True, device), code_map(False, device), midpoint_table(True, device),
         midpoint_table(False, device),
         float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2, float(eps),
-        1.0 - beta1**step, 1.0 - beta2**step,
+        1.0 - beta1**step, 1.0 - beta2**step, adam_update_bound(beta1, beta2, step),
         n, BLOCK=block_size, num_warps=_num_warps(block_size),
     )
     return n_out

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import coap8bit
+from coap8bit.optimizer import LowRankGradient
 from coap8bit import functional as Fn
 
 torch.set_num_threads(1)  # tiny tensors; the machine's two cores are shared
@@ -142,11 +143,14 @@ def oracle_step_lowrank(opt, p, grads, group, clip=None):
     if not state:
         opt._init_state(p, "matrix", group, state)
     step = state["step"] + 1
-    S = sum(opt.project_gradient(p, g, group, state, step, refresh=(i == 0)) for i, g in enumerate(grads))
+    first = opt.project_gradient(p, grads[0], group, state, step, refresh=True)
+    S = first.S.clone()
+    for g in grads[1:]:  # later micro-batches project with the (pending) projector of the first
+        S += opt.project_gradient(p, g, group, state, step, refresh=False, P=first.P).S
     if clip is not None:
         assert S.norm() > clip
         S.mul_(clip / (S.norm() + 1e-6))
-    opt.apply_lowrank(p, S, group, state, step)
+    opt.apply_lowrank(p, LowRankGradient(S, first.P, first.pending), group, state, step)
     state["step"] = step
 
 
@@ -185,7 +189,8 @@ def test_gradients_are_freed_and_only_lowrank_sums_kept():
             # projected: freed in every hook; dense: accumulates in p.grad until the last micro-batch
             assert (p.grad is None) == (is_projected or last)
         for p, is_projected in zip(model.parameters(), projected):
-            acc = handle._slots[p].lowrank_sum
+            lowrank = handle._slots[p].lowrank
+            acc = None if lowrank is None else lowrank.S
             if is_projected and not last:
                 rank = SETTINGS["rank"]
                 assert acc.dtype == torch.float32 and acc.shape == (max(p.shape), rank)

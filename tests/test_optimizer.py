@@ -45,19 +45,23 @@ def test_projection_and_quantization_off_matches_torch_adamw():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
 
 
-def test_unprojected_8bit_matches_bitsandbytes_adamw8bit_exactly():
+def test_unprojected_8bit_tracks_adamw_as_closely_as_bitsandbytes():
+    """Unprojected tensors >= min_8bit_size use our bounded 8-bit moment update (v stored as √v without a
+    zero point), not bitsandbytes' fused kernel. Oracle: fp32 torch AdamW. After 50 steps at lr 1e-2 our
+    8-bit state may be no farther from it than bitsandbytes' own 8-bit state, with 50% slack (the formats
+    round differently: measured ratios 0.14-1.16), and under 0.1·steps·lr absolutely. The 120-element tensor
+    keeps fp32 state (the 4096-element rule): equal to AdamW up to fp32 reordering."""
     import bitsandbytes as bnb
 
-    shapes = [(64, 96), (5000,), (40, 3)]
-    ours, ref = make_params(shapes), make_params(shapes)
-    opt = coap8bit.AdamW8bit(ours, lr=1e-2, projection=False)
-    opt_ref = bnb.optim.AdamW8bit(ref, lr=1e-2)
-    run(opt, ours, 5)
-    run(opt_ref, ref, 5)
-    # 8-bit tensors: same fused kernel and code maps -> bitwise equal. The 120-element tensor has fp32
-    # state in both (bnb's 4096-element rule); the two fp32 Adam formulas order operations differently.
-    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
-    torch.testing.assert_close(ours[2], ref[2], atol=1e-6, rtol=1e-6)
+    shapes, steps, lr = [(64, 96), (5000,), (40, 3)], 50, 1e-2
+    ours, ref, exact = make_params(shapes), make_params(shapes), make_params(shapes)
+    run(coap8bit.AdamW8bit(ours, lr=lr, projection=False), ours, steps)
+    run(bnb.optim.AdamW8bit(ref, lr=lr), ref, steps)
+    run(torch.optim.AdamW(exact, lr=lr, foreach=False), exact, steps)
+    for p, q, e in zip(ours[:2], ref[:2], exact[:2]):
+        ours_err, bnb_err = float((p - e).abs().max()), float((q - e).abs().max())
+        assert ours_err <= 1.5 * bnb_err and ours_err <= 0.1 * steps * lr, (p.shape, ours_err, bnb_err)
+    torch.testing.assert_close(ours[2], exact[2], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [coap8bit.AdamW8bit, coap8bit.AdamW])
@@ -135,7 +139,8 @@ def test_load_keeps_uint8_codes_and_fp32_absmax_for_bf16_params():
     for p in params:
         for k, v in opt2.state[p].items():
             if torch.is_tensor(v):
-                assert v.dtype == (torch.uint8 if k.endswith("codes") else torch.float32), k
+                expected = torch.uint8 if k.endswith("codes") else torch.float64 if k == "numerics" else torch.float32
+                assert v.dtype == expected, k
                 assert torch.equal(v, opt.state[p][k])
 
 
