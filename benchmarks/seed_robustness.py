@@ -47,18 +47,21 @@ OPTIMIZERS = {
     "adamw": ("adamw", None, 1e-3),            # torch.optim.AdamW
     # Ablations of the second-moment format (the alternatives measured to choose it; all with the clamp to
     # the exact-Adam bound): v itself on bitsandbytes' unsigned map with its zero code (0.1.0's format), v
-    # itself on the zero-free map (a floor), and unprojected tensors through bitsandbytes' fused kernel
+    # itself on the zero-free map (a floor), m (and P) rounded to nearest without keeping the sign, and unprojected tensors through bitsandbytes' fused kernel
     # (0.1.0's dense8 path, no bound) against our bounded update, both with projection=False at AdamW's lr.
     "coap8bit-r2-zeropoint": ("coap8bit", 2.0, 3e-3),
     "coap8bit-r2-vfloor": ("coap8bit", 2.0, 3e-3),
+    "coap8bit-r2-m-nearest": ("coap8bit", 2.0, 3e-3),  # m without sign-preserving rounding
     "coap8bit-dense": ("coap8bit-dense", None, 1e-3),
     "coap8bit-dense-bnbfused": ("coap8bit-dense", None, 1e-3),
 }
-ABLATIONS = ["coap8bit-r2-zeropoint", "coap8bit-r2-vfloor", "coap8bit-dense", "coap8bit-dense-bnbfused"]
+ABLATIONS = ["coap8bit-r2-zeropoint", "coap8bit-r2-vfloor", "coap8bit-r2-m-nearest", "coap8bit-dense",
+             "coap8bit-dense-bnbfused"]
 # The private switches of coap8bit.quant / coap8bit.optimizer each ablation sets in its worker process.
 SWITCHES = {
     "coap8bit-r2-zeropoint": {"quant._UNSIGNED_HAS_ZERO": True, "quant._V_AS_SQRT": False},
     "coap8bit-r2-vfloor": {"quant._V_AS_SQRT": False},
+    "coap8bit-r2-m-nearest": {"quant._SIGN_PRESERVING": False},
     "coap8bit-dense-bnbfused": {"optimizer._DENSE8_BNB_FUSED": True},
 }
 NAN = float("nan")

@@ -70,7 +70,13 @@ def train_one(name: str, args, device: torch.device, train: torch.Tensor, val: t
             print(f"  [{name:>8}] step {step:4d}/{args.steps}  train loss {sum(curve[-args.log_every:]) / len(curve[-args.log_every:]):.3f}",
                   flush=True)
     skip = min(10, len(step_times) // 2)  # first steps include allocation and warm-up
+    numerics = None
+    if any("numerics" in st for st in opt.state.values()):
+        from .accounting import NumericsSummary, numerics_report
+
+        numerics = str(NumericsSummary.of(numerics_report(opt, model.named_parameters())))
     return {
+        "numerics": numerics,
         "name": name,
         "lr": opt.param_groups[0]["lr"],
         "curve": curve,
@@ -161,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if device.type == "cpu":
         print("(CPU timings: relative figures on this machine only, not GPU speed)")
+    for r in results:
+        if r["numerics"]:
+            print(f"{r['name']} {r['numerics']}")
     if args.plot:
         plot(results, args.plot)
         print(f"loss plot written to {args.plot}")

@@ -48,6 +48,7 @@ FORMAT_VERSION = 2
 # Ablation switches (benchmarks/seed_robustness.py --ablation): the alternatives measured to choose format 2.
 _UNSIGNED_HAS_ZERO = False  # True: bitsandbytes' unsigned map as is (code 0 = 0.0)
 _V_AS_SQRT = True  # False: store v itself
+_SIGN_PRESERVING = True  # False: plain nearest rounding under the signed map too (tiny m may become 0)
 
 # Index of 0.0 in bitsandbytes' signed dynamic map (the map is sorted ascending, one zero).
 QUANT_ZERO_SIGNED = 127
@@ -135,7 +136,7 @@ def quantize_blockwise(
     code = code_map(signed, device)
     if noise is None:
         idx = torch.bucketize(normed, code_midpoints(signed, device))
-        if signed:
+        if signed and _SIGN_PRESERVING:
             # Keep the sign of non-zero values: nearest code among those of the same sign.
             zero = QUANT_ZERO_SIGNED
             idx = torch.where((normed > 0) & (idx <= zero), zero + 1, idx)

@@ -115,7 +115,7 @@ def moment_update_8bit(
     if numerics is None:
         numerics = new_numerics(device)
     check_tensor("numerics", numerics, dtypes=(torch.float64,), numel=3, device=device)
-    if not _format._V_AS_SQRT or _format._UNSIGNED_HAS_ZERO:  # the ablation switches of coap8bit.quant
+    if not _format._V_AS_SQRT or _format._UNSIGNED_HAS_ZERO or not _format._SIGN_PRESERVING:  # ablation switches
         raise NotImplementedError("the Triton kernel implements the second-moment format version 2 (√v on the "
                                   "zero-free map) only")
     n_out = torch.empty(g.shape, dtype=torch.float32, device=device)
