@@ -13,9 +13,7 @@ from .bound import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N, ada
 from .quant import dequantize_blockwise, dequantize_second_moment, quantize_blockwise, quantize_second_moment
 
 __all__ = [
-    "adam_update_bound",
     "moments_stay_finite",
-    "new_numerics",
     "adam_moment_update_",
     "moment_update_8bit",
     "moment_update_32bit",
@@ -60,8 +58,9 @@ def _normalized(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int, beta
     N = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
     bound = adam_update_bound(beta1, beta2, step)
     if numerics is not None:
-        peak = N.abs().amax() if N.numel() else N.new_zeros(())
-        numerics[NUMERICS_BOUND_HITS] += (N.abs() > bound).sum()
+        magnitude = N.abs()
+        peak = magnitude.amax() if N.numel() else N.new_zeros(())
+        numerics[NUMERICS_BOUND_HITS] += (magnitude > bound).sum()
         numerics[NUMERICS_MAX_N] = torch.maximum(numerics[NUMERICS_MAX_N], peak.to(torch.float64))
     return N.clamp_(-bound, bound)
 

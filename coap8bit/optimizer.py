@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 from . import distributed as _dist
 from . import functional as Fn
 from . import projection as proj
+from .bound import new_numerics
 from .quant import (FORMAT_VERSION, dequantize_blockwise, dequantize_second_moment, num_blocks, quantize_blockwise,
                     quantize_second_moment, second_moment_from_v1, second_moment_peak,
                     second_moment_stored)
@@ -384,7 +385,7 @@ class COAPAdamW(Optimizer):
         state["step"] = 0
         state["skipped"] = 0
         state["format"] = FORMAT_VERSION
-        state["numerics"] = Fn.new_numerics(dev)
+        state["numerics"] = new_numerics(dev)
         state["seed_key"] = self._param_keys.get(p, len(self._param_keys))
         if kind == "tucker" and p in self._shards:
             raise NotImplementedError(f"conv weight {tuple(p.shape)} sharded by FSDP2: the Tucker projection of "
@@ -582,7 +583,8 @@ class COAPAdamW(Optimizer):
         update is N ×₀ U0 ×₁ U1. Each factor U_k is maintained as the projector of the mode-k unfolding
         (transposed so it is canonical): initial and warm-started re-projection as for matrices; the
         correlation-aware SGD step is a matrix-only feature."""
-        _require(bool(torch.isfinite(grad).all()))
+        if state["step"] == 0 or refresh_event(step, group) == "reproject":  # QR/SVD below: finite data only
+            _require(bool(torch.isfinite(grad).all()))  # (otherwise _moments_fit on the core decides)
         r0, r1 = _tucker_ranks(p.shape, group)
         G = grad.to(torch.float32)
         factors, pendings = [], []
@@ -891,7 +893,7 @@ def _upgrade_state(state: dict, kind: str, group: dict) -> None:
         if tuple(absmax.shape) == (num_blocks(codes.numel(), bs),):  # else the layout check below reports it
             v = second_moment_from_v1(codes, absmax, block_size=bs)
             quantize_second_moment(v, block_size=bs, out_codes=codes, out_absmax=absmax)
-    state.setdefault("numerics", Fn.new_numerics(next(t.device for t in state.values() if torch.is_tensor(t))))
+    state.setdefault("numerics", new_numerics(next(t.device for t in state.values() if torch.is_tensor(t))))
     state["format"] = FORMAT_VERSION
 
 

@@ -242,14 +242,13 @@ def _snapshot(opt, params):
     return copy.deepcopy([p.detach() for p in params]), copy.deepcopy(opt.state_dict()["state"])
 
 
-def _assert_same(a, b):
-    for x, y in zip(a[0], b[0]):
-        assert torch.equal(x, y)
-    assert a[1].keys() == b[1].keys()
-    for k in a[1]:
-        for key, v in a[1][k].items():
-            w = b[1][k][key]
-            assert (torch.equal(v, w) if torch.is_tensor(v) else v == w), (k, key)
+def assert_untouched(before, after, index: int) -> None:
+    """Parameter ``index`` and its state are bit-identical in two snapshots, apart from its skip count."""
+    assert torch.equal(after[0][index], before[0][index])
+    for key, v in before[1].get(index, {}).items():  # no state exists before a first step
+        if key != "skipped":
+            w = after[1][index][key]
+            assert (torch.equal(v, w) if torch.is_tensor(v) else v == w), key
 
 
 def _step_with(opt, params, grads):
@@ -286,11 +285,7 @@ def test_huge_or_nonfinite_gradient_is_a_counted_skip_with_nothing_written(cls, 
     states = list(opt.state.values())
     assert [s["step"] for s in states] == [at_step if i == index else at_step + 1 for i in range(len(params))]
     assert states[index]["skipped"] == 1 and opt.skipped_steps == 1
-    assert torch.equal(after[0][index], before[0][index])
-    for key, v in before[1].get(index, {}).items():  # no state existed before a first step
-        if key != "skipped":
-            w = after[1][index][key]
-            assert (torch.equal(v, w) if torch.is_tensor(v) else v == w), key
+    assert_untouched(before, after, index)
     # and the skipped parameter steps normally on the next finite gradient
     _step_with(opt, params, _grads(params, at_step + 1))
     assert states[index]["step"] == at_step + 1
@@ -314,10 +309,7 @@ def test_refresh_svd_failure_is_a_counted_skip(monkeypatch):
         _step_with(opt, params, _grads(params, 2))
     after = _snapshot(opt, params)
     assert opt.state[params[0]]["skipped"] == 1 and opt.state[params[0]]["step"] == 2
-    assert torch.equal(after[0][0], before[0][0])
-    for key, v in before[1][0].items():
-        if key != "skipped":
-            assert (torch.equal(v, after[1][0][key]) if torch.is_tensor(v) else v == after[1][0][key]), key
+    assert_untouched(before, after, 0)
 
 
 def test_bad_gradient_shape_leaves_the_step_unapplied():
@@ -361,10 +353,7 @@ def test_in_backward_huge_gradient_skips_with_nothing_written(value):
             (lin(x).square().mean() * value).backward()
     after = _snapshot(opt, [lin.weight])
     assert opt.state[lin.weight]["skipped"] == 1
-    assert torch.equal(after[0][0], before[0][0])
-    for key, v in before[1][0].items():
-        if key != "skipped":
-            assert (torch.equal(v, after[1][0][key]) if torch.is_tensor(v) else v == after[1][0][key]), key
+    assert_untouched(before, after, 0)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -390,18 +379,14 @@ def test_checkpoint_from_0_1_0_loads_into_the_new_format():
             v_old = Q.second_moment_from_v1(old["exp_avg_sq_codes"], old["exp_avg_sq_absmax"], block_size=bs)
             assert_nearest_sqrt(v_old, new["exp_avg_sq_codes"], new["exp_avg_sq_absmax"], bs)
     for t in range(3):
-        for p, g in zip(params, _grads(params, t)):
-            p.grad = g
-        opt.step()
+        _step_with(opt, params, _grads(params, t))
     assert opt.skipped_steps == 0 and all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def test_checkpoint_of_a_newer_format_is_refused_by_name():
     params = _params()[:1]
     opt = coap8bit.AdamW8bit(params, min_proj_size=256)
-    for p, g in zip(params, _grads(params, 0)):
-        p.grad = g
-    opt.step()
+    _step_with(opt, params, _grads(params, 0))
     sd = copy.deepcopy(opt.state_dict())
     sd["state"][0]["format"] = Q.FORMAT_VERSION + 1
     with pytest.raises(ValueError, match="format version"):
