@@ -35,6 +35,7 @@ if not ON_GPU:
 import coap8bit  # noqa: E402
 from coap8bit import functional as Fn  # noqa: E402
 from coap8bit import quant as Q  # noqa: E402
+from coap8bit.bound import adam_update_bound  # noqa: E402
 from coap8bit.kernels import moments as KM  # noqa: E402
 from coap8bit.kernels import quant as KQ  # noqa: E402
 
@@ -105,7 +106,8 @@ def kernel_rows(shapes: list[tuple[int, int]], block_size: int, copy_gbs: float)
             g = torch.randn(m, r, device=DEVICE).to(g_dtype)
             state = [torch.full((m, r), 127, dtype=torch.uint8, device=DEVICE), torch.zeros(nb, device=DEVICE),
                      torch.zeros((m, r), dtype=torch.uint8, device=DEVICE), torch.zeros(nb, device=DEVICE)]
-            hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=10, block_size=block_size)
+            hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=10, bound=adam_update_bound(0.9, 0.999, 10),
+                         block_size=block_size)
             # read g + 2 codes, write 2 codes + N (fp32); absmax of m and v read and written per block.
             floor = n * (g.element_size() + 2 + 2 + 4) + nb * 4 * 4
             rows.append(_kernel_row(f"moment_update_8bit g={str(g_dtype)[6:]}", (m, r), floor, copy_gbs,

@@ -7,8 +7,9 @@ the fraction of each projector SGD step that survives requantization, subspace d
 the projection residual ‖G − G PᵀP‖/‖G‖ and the captured gradient energy ‖G Pᵀ‖/‖G‖ relative to the exact
 top-r SVD's (both averaged over the matrix parameters every --probe-every steps).
 
-Projector formats: "dyn8" (blockwise 8-bit, bnb dynamic signed map — the optimizer's format), "fp32",
-and "lin8" (blockwise linear int8: x ≈ (code − 127)/127 · absmax; a benchmark-only variant).
+Projector formats: "dyn8" (blockwise 8-bit, bnb dynamic signed map — the optimizer's format) and "fp32".
+(A "lin8" linear-int8 variant was measured on 0.1.0, RESULTS.md; it overrode private methods that the
+redesign removed, so it is no longer run.)
 The schedule is scaled to the short run: update_interval 10, reproject_factor 5 (re-projection every 50).
 
     python benchmarks/quant_error.py [--steps 200] [--json] [--write-results]
@@ -41,33 +42,7 @@ class FP32ProjectorAdamW8bit(AdamW8bit):
             del state["proj_absmax"]
 
 
-class LinearInt8ProjectorAdamW8bit(AdamW8bit):
-    """Projector as blockwise *linear* int8 (same bytes as dyn8: uint8 code + fp32 absmax per block)."""
-
-    def _load_proj(self, state, name, block_size):
-        codes, absmax = state[name + "_codes"], state[name + "_absmax"]
-        n = codes.numel()
-        vals = (codes.reshape(-1).float() - 127.0) / 127.0
-        return (vals * absmax.repeat_interleave(block_size)[:n]).view(codes.shape)
-
-    def _store_proj(self, state, name, P, group, sr_seed):
-        bs = group["block_size"]
-        flat = P.reshape(-1).float()
-        pad = (-flat.numel()) % bs
-        blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, bs)
-        absmax = blocks.abs().amax(1)
-        scaled = blocks / absmax.clamp_min(1e-30).unsqueeze(1) * 127.0
-        if sr_seed is not None:
-            u = proj.seeded_uniform(tuple(scaled.shape), sr_seed, scaled.device)
-            q = torch.floor(scaled + u)
-        else:
-            q = torch.round(scaled)
-        codes = (q.clamp(-127, 127) + 127).to(torch.uint8).view(-1)[: flat.numel()]
-        state[name + "_codes"].copy_(codes.view(P.shape))
-        state[name + "_absmax"].copy_(absmax)
-
-
-FORMATS = {"dyn8": AdamW8bit, "fp32": FP32ProjectorAdamW8bit, "lin8": LinearInt8ProjectorAdamW8bit}
+FORMATS = {"dyn8": AdamW8bit, "fp32": FP32ProjectorAdamW8bit}
 
 
 @torch.no_grad()
@@ -81,7 +56,7 @@ def probe(opt) -> tuple[list[float], list[float]]:
                 continue
             layout = proj.matrix_layout(tuple(p.shape), st["exp_avg_codes"].shape[1], group["proj_type"])
             G = proj.canonical(p.grad, layout).float()
-            P = opt._load_proj(st, "proj", group["block_size"]).float()
+            P = opt.param_step(p, group).load_projector("proj").float()
             S = G @ P.mT
             g = float(torch.linalg.vector_norm(G))
             residuals.append(float(torch.linalg.vector_norm(G - S @ P)) / g)
@@ -131,7 +106,6 @@ VARIANTS = [
     ("dyn8 block 256 (default)", dict(block_size=256)),
     ("dyn8 block 512", dict(block_size=512)),
     ("fp32 projector", dict(fmt="fp32")),
-    ("lin8 projector block 256", dict(fmt="lin8")),
     ("proj_rounding nearest", dict(proj_rounding="nearest")),
     ("proj_objective reference", dict(proj_objective="reference")),
     ("power_iters 1", dict(power_iters=1)),

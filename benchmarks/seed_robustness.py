@@ -59,10 +59,10 @@ ABLATIONS = ["coap8bit-r2-zeropoint", "coap8bit-r2-vfloor", "coap8bit-r2-m-neare
              "coap8bit-dense-bnbfused"]
 # The private switches of coap8bit.quant / coap8bit.optimizer each ablation sets in its worker process.
 SWITCHES = {
-    "coap8bit-r2-zeropoint": {"quant._UNSIGNED_HAS_ZERO": True, "quant._V_AS_SQRT": False},
-    "coap8bit-r2-vfloor": {"quant._V_AS_SQRT": False},
-    "coap8bit-r2-m-nearest": {"quant._SIGN_PRESERVING": False},
-    "coap8bit-dense-bnbfused": {"optimizer._DENSE8_BNB_FUSED": True},
+    "coap8bit-r2-zeropoint": {"format._UNSIGNED_HAS_ZERO": True, "format._V_AS_SQRT": False},
+    "coap8bit-r2-vfloor": {"format._V_AS_SQRT": False},
+    "coap8bit-r2-m-nearest": {"format._SIGN_PRESERVING": False},
+    "coap8bit-dense-bnbfused": {"step._DENSE8_BNB_FUSED": True},
 }
 NAN = float("nan")
 

@@ -2,8 +2,8 @@
 
 Memory: every figure is counted from tensors — those an optimizer actually holds (``state_bytes``,
 ``memory_report``), or, for the planner, the exact state layout the optimizer would allocate
-(``predicted_state``, which reuses the optimizer's own ``param_kind`` and ``_expected_state`` rules on
-meta-device parameters). Baselines use each optimizer's own allocation rule:
+(``predicted_state``, which reads ``layout.param_kind`` and ``layout.state_spec`` — the rules allocation
+uses — on meta-device parameters). Baselines use each optimizer's own allocation rule:
 
   AdamW fp32 states   8 B/param (exp_avg, exp_avg_sq in fp32)
   AdamW bf16 states   4 B/param
@@ -29,6 +29,12 @@ import math
 from typing import Iterable
 
 import torch
+
+from . import functional as Fn
+from .bound import adam_update_bound
+from .format import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N
+from .layout import param_kind, state_spec
+from .step import ParamStep, PendingProjector, StepObserver, refresh_event
 
 __all__ = [
     "state_bytes",
@@ -261,8 +267,6 @@ def numerics_report(optimizer, names: Iterable[tuple[str, torch.Tensor]] | dict 
     of N clamped to exact Adam's bound, second-moment elements stored at the floor code, the largest |N|
     before the bound, and the bound at the current step (counted since the state was created or loaded from
     a checkpoint that carried them). One host sync for all parameters."""
-    from .bound import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N, adam_update_bound
-
     label = _param_names(optimizer, names)
     entries, tensors = [], []
     for gi, group in enumerate(optimizer.param_groups):
@@ -303,21 +307,21 @@ class NumericsSummary:
 def predicted_state(optimizer, params: Iterable[torch.Tensor] | None = None,
                     fp32_projector: bool = False) -> MemoryReport:
     """The state a coap8bit optimizer will allocate at its first step, from parameter shapes alone
-    (meta-device parameters work: nothing is allocated). Uses the optimizer's own rules —
-    ``param_kind`` and ``optimizer._expected_state`` — so prediction and allocation cannot drift.
+    (meta-device parameters work: nothing is allocated). Reads ``layout.param_kind`` and
+    ``layout.state_spec``, the rules allocation uses, so prediction and allocation cannot drift.
 
-    ``fp32_projector``: the same layout with projectors held in fp32 (COAP's reference 8-bit variant:
-    8-bit moments, fp32 projector); codes and absmax of P are replaced by r×b fp32."""
-    from .optimizer import _expected_state
-
+    ``params``: only these parameters (any iterable; read once). ``fp32_projector``: the same layout with
+    projectors held in fp32 (COAP's reference 8-bit variant: 8-bit moments, fp32 projector); codes and
+    absmax of P are replaced by r×b fp32."""
+    wanted = None if params is None else {id(q) for q in params}
     rows = []
     for gi, group in enumerate(optimizer.param_groups):
         for pi, p in enumerate(group["params"]):
-            if params is not None and not any(p is q for q in params):
+            if wanted is not None and id(p) not in wanted:
                 continue
-            kind = optimizer.param_kind(p, group)
+            kind = param_kind(p, group)
             comp = {c: 0 for c in COMPONENTS}
-            for key, (shape, dtype) in _expected_state(p, kind, group).items():
+            for key, (shape, dtype, _) in state_spec(p, group, kind).items():
                 n = math.prod(shape)
                 c = component_of(key, torch.empty(0, dtype=dtype))
                 if fp32_projector and c == "projector_scales":
@@ -327,7 +331,7 @@ def predicted_state(optimizer, params: Iterable[torch.Tensor] | None = None,
                     continue
                 comp[c] += n * dtype.itemsize
             n = p.numel()
-            rows.append(ParamMemory(name=f"group{gi}.{pi}", shape=tuple(p.shape), kind=kind, components=comp,
+            rows.append(ParamMemory(name=f"group{gi}.{pi}", shape=tuple(p.shape), kind=str(kind), components=comp,
                                     adamw_fp32=8 * n, adamw_bf16=4 * n, bnb_adamw8bit=bnb_adamw8bit_bytes(n)))
     uses8 = any(r.numel >= BNB_MIN_8BIT_SIZE for r in rows)
     return MemoryReport(rows, bnb_uses_8bit=uses8)
@@ -357,7 +361,7 @@ class _Running:
                 "count": self.count}
 
 
-class QuantErrorTracker:
+class QuantErrorTracker(StepObserver):
     """Opt-in quantization-error accounting for a coap8bit optimizer (``track_quant_error=K``).
 
     Measured on every K-th step of each parameter (its own step counter), at requantization, against the
@@ -384,62 +388,43 @@ class QuantErrorTracker:
         self.stats: dict[int, dict[str, _Running]] = {}
         self.drift: dict[int, list[dict]] = {}
 
-    def due(self, state: dict) -> bool:
-        """Whether the step being taken (state["step"] + 1) is measured."""
-        return (state.get("step", 0) + 1) % self.every == 0 or state.get("step", 0) == 0
+    def due(self, step: int) -> bool:
+        """Whether the parameter's step ``step`` (1-based) is measured: its first and every K-th."""
+        return step % self.every == 0 or step == 1
 
     def _add(self, key: int, name: str, value: float) -> None:
         self.stats.setdefault(key, {}).setdefault(name, _Running()).add(value)
 
-    # -- moments
-    def moments_before(self, state: dict, block_size: int):
-        if "exp_avg_codes" not in state or not self.due(state):
+    # -- moments (StepObserver hooks)
+    def moments_before(self, ctx: ParamStep, step: int):
+        m, v = ctx.moments()
+        if not m.quantized or not self.due(step):
             return None
-        from .quant import dequantize_blockwise, dequantize_second_moment
+        return m.load(), v.load()
 
-        m = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
-                                 block_size=block_size)
-        v = dequantize_second_moment(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], block_size=block_size)
-        return m, v
-
-    def moments_after(self, before, S: torch.Tensor, state: dict, group: dict, block_size: int) -> None:
-        from .quant import dequantize_blockwise, dequantize_second_moment
-
-        m, v = before
-        beta1, beta2 = group["betas"]
-        S = S.to(torch.float32).reshape(m.shape)
-        m_ref = m.mul_(beta1).add_(S, alpha=1.0 - beta1)
-        v_ref = v.mul_(beta2).addcmul_(S, S, value=1.0 - beta2)
-        m_new = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
-                                     block_size=block_size)
-        v_new = dequantize_second_moment(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"],
-                                         block_size=block_size)
-        key = state["seed_key"]
+    def moments_after(self, ctx: ParamStep, token, g: torch.Tensor, step: int) -> None:
+        m_ref, v_ref = token  # the fp32 moments the codes replaced: the old state plus this step's update
+        beta1, beta2 = ctx.group["betas"]
+        Fn.adam_moment_update_(g.to(torch.float32).reshape(m_ref.shape), m_ref, v_ref, beta1=beta1, beta2=beta2)
+        m_new, v_new = (t.load() for t in ctx.moments())
+        key = ctx.state["seed_key"]
         self._add(key, "exp_avg", rel_l2(m_new, m_ref))
         self._add(key, "exp_avg_sq", rel_l2(v_new, v_ref))
 
     # -- projector
-    def projector_before(self, state: dict, name: str, load) -> torch.Tensor | None:
+    def projector_committed(self, ctx: ParamStep, pending: PendingProjector, P_old: torch.Tensor | None,
+                            step: int) -> None:
         # Every projector change is measured, not only those on every K-th step: changes happen once per
         # update_interval steps (so K would rarely coincide with them) and cost O(r·b) plus an SVD of r×b.
-        if state.get("step", 0) == 0:
-            return torch.empty(0)  # initial projector: no previous one
-        return load().clone()
-
-    def projector_after(self, P_prev: torch.Tensor, P_target: torch.Tensor, P_stored: torch.Tensor,
-                        state: dict, group: dict, name: str) -> None:
-        key = state["seed_key"]
-        quantized = f"{name}_codes" in state
-        if quantized:
-            self._add(key, name, rel_l2(P_stored, P_target))
-        if P_prev.numel() == 0:
+        key, name = ctx.state["seed_key"], pending.name
+        if pending.codes is not None:
+            self._add(key, name, rel_l2(pending.P, pending.target))
+        if P_old is None:  # the initial projector: nothing it replaced
             return
-        step = state["step"] + 1
-        T_u = group["update_interval"]
-        event = "reproject" if (step - 1) % (T_u * group["reproject_factor"]) == 0 else "sgd"
+        event = refresh_event(step, ctx.group)
         if event == "sgd":
-            intended = (P_target - P_prev).float()
-            applied = (P_stored - P_prev).float()
+            intended = (pending.target - P_old).float()
+            applied = (pending.P - P_old).float()
             norm = float(torch.linalg.vector_norm(intended))
             if norm > 0:
                 self._add(key, f"{name}_step_kept", float(torch.linalg.vector_norm(applied)) / norm)
@@ -447,7 +432,7 @@ class QuantErrorTracker:
                     applied.reshape(1, -1), intended.reshape(1, -1)).item()))
         from scipy.linalg import subspace_angles
 
-        angles = subspace_angles(P_prev.double().mT.cpu().numpy(), P_stored.double().mT.cpu().numpy())
+        angles = subspace_angles(P_old.double().mT.cpu().numpy(), pending.P.double().mT.cpu().numpy())
         deg = [math.degrees(a) for a in angles]
         self.drift.setdefault(key, []).append(
             {"step": step, "event": event, "max_deg": max(deg), "mean_deg": sum(deg) / len(deg)})

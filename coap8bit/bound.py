@@ -1,12 +1,10 @@
-"""Exact Adam's bound on the normalized update, and the per-parameter counters of how often the 8-bit state
-pushed an update against it. A leaf module: the torch path and the Triton kernels both read it."""
+"""Exact Adam's bound on the normalized update (the counters of how often the 8-bit state pushed an update
+against it are laid out in ``format``). A leaf module; the Triton kernel receives the bound as an argument."""
 from __future__ import annotations
 
 import math
 
-import torch
-
-__all__ = ["adam_update_bound", "new_numerics", "NUMERICS_BOUND_HITS", "NUMERICS_FLOOR_HITS", "NUMERICS_MAX_N"]
+__all__ = ["adam_update_bound"]
 
 
 def adam_update_bound(beta1: float, beta2: float, step: int) -> float:
@@ -31,14 +29,3 @@ def adam_update_bound(beta1: float, beta2: float, step: int) -> float:
     bound = ((1.0 - beta1) / math.sqrt(1.0 - beta2) * math.sqrt(geometric) * math.sqrt(1.0 - beta2**step)
              / (1.0 - beta1**step))
     return bound * (1.0 + 1e-6)
-
-
-# Layout of a parameter's numerics counters (state["numerics"], fp64): elements whose N exceeded the
-# exact-Adam bound (and were clamped to it), elements stored at the second moment's floor code while their
-# first moment is non-zero (those whose N the floor bounds), and the
-# largest |N| before the bound. Updated on the device without a host sync.
-NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N = 0, 1, 2
-
-
-def new_numerics(device: torch.device) -> torch.Tensor:
-    return torch.zeros(3, dtype=torch.float64, device=device)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import torch
 
 from . import projection
+from .format import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N
 from .projection import row_blocks
-from .bound import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N, adam_update_bound, new_numerics
 from .quant import dequantize_blockwise, dequantize_second_moment, quantize_blockwise, quantize_second_moment
 
 __all__ = [
     "moments_stay_finite",
     "adam_moment_update_",
+    "normalized_update",
     "moment_update_8bit",
     "moment_update_32bit",
     "stochastic_round_",
@@ -49,14 +50,14 @@ def moments_stay_finite(g_peak: torch.Tensor, m_peak: torch.Tensor, v_peak: torc
             & torch.isfinite(g_peak * g_peak))
 
 
-def _normalized(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int, beta1: float, beta2: float,
-                numerics: torch.Tensor | None = None):
-    """N = m̂ / (√v̂ + eps) with Adam's bias correction at ``step`` (1-based), clamped to the exact-Adam
-    bound (a no-op for exact moments; see adam_update_bound). ``numerics``: counters updated in place."""
+def normalized_update(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int, beta1: float, beta2: float,
+                      bound: float, numerics: torch.Tensor | None = None):
+    """N = m̂ / (√v̂ + eps) with Adam's bias correction at ``step`` (1-based), clamped to ±``bound`` (the
+    caller passes ``bound.adam_update_bound``: a no-op for exact moments). ``numerics``: counters updated in
+    place."""
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
     N = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
-    bound = adam_update_bound(beta1, beta2, step)
     if numerics is not None:
         magnitude = N.abs()
         peak = magnitude.amax() if N.numel() else N.new_zeros(())
@@ -74,12 +75,14 @@ def moment_update_32bit(
     beta2: float,
     eps: float,
     step: int,
+    bound: float,
     numerics: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Adam moments in fp32 state, updated in place; returns the normalized update N (fp32, bounded)."""
+    """Adam moments in fp32 state, updated in place; returns the normalized update N (fp32, clamped to
+    ±``bound``)."""
     g = g.to(torch.float32)
     adam_moment_update_(g, m, v, beta1=beta1, beta2=beta2)
-    return _normalized(m, v, eps=eps, step=step, beta1=beta1, beta2=beta2, numerics=numerics)
+    return normalized_update(m, v, eps=eps, step=step, beta1=beta1, beta2=beta2, bound=bound, numerics=numerics)
 
 
 def moment_update_8bit(
@@ -93,16 +96,17 @@ def moment_update_8bit(
     beta2: float,
     eps: float,
     step: int,
+    bound: float,
     block_size: int,
     numerics: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantize m (signed map) and v (second-moment format, ``quant``), apply the Adam moment update
-    with ``g``, requantize in place (codes and absmax), return the bounded N = m̂/(√v̂+eps) from the fp32
+    with ``g``, requantize in place (codes and absmax), return N = m̂/(√v̂+eps) clamped to ±``bound``, from the fp32
     values before requantization (as bitsandbytes' fused kernel does). Torch twin of
     ``kernels.moment_update_8bit``. The caller checks ``moments_stay_finite`` first (this writes state)."""
     m = dequantize_blockwise(m_codes, m_absmax, signed=True, block_size=block_size)
     v = dequantize_second_moment(v_codes, v_absmax, block_size=block_size)
-    N = moment_update_32bit(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step, numerics=numerics)
+    N = moment_update_32bit(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step, bound=bound, numerics=numerics)
     quantize_blockwise(m, signed=True, block_size=block_size, out_codes=m_codes, out_absmax=m_absmax)
     quantize_second_moment(v, block_size=block_size, out_codes=v_codes, out_absmax=v_absmax)
     if numerics is not None:

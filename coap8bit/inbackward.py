@@ -7,7 +7,7 @@ gradients then never exists at once — what lets a 7B model with bf16 weights t
 * "matrix" (projected) parameters: every micro-batch's gradient G_i is projected at once to the fp32
   low-rank S_i = G_i Pᵀ (a×r) and added to an accumulator the handle keeps per parameter; the full gradient
   is freed inside the hook. On the k-th micro-batch the Adam moments and the weight are updated with
-  S = Σ S_i (``COAPAdamW.apply_lowrank``). Since S is linear in G, this equals a step on the accumulated
+  S = Σ S_i (``step.apply_lowrank``). Since S is linear in G, this equals a step on the accumulated
   gradient except for one approximation: the projector refresh (initialisation, correlation-aware SGD step,
   re-projection), which needs a full gradient, sees only the FIRST micro-batch's gradient of the step
   (the schedule is unchanged). With identical micro-batches it is exact (every refresh is scale-invariant).
@@ -42,7 +42,8 @@ import warnings
 
 import torch
 
-from .optimizer import LowRankGradient, _SkipStep
+from . import step as S
+from .layout import Kind
 
 __all__ = ["InBackward", "attach"]
 
@@ -55,7 +56,7 @@ class _Accumulation:
     micro_batches: int = 0  # gradients received in this cycle
     # A projected ("matrix") parameter: S = Σ S_i (fp32 a×r), the P every micro-batch projects with and the
     # projector refreshed from the first micro-batch, committed only when the step is applied.
-    lowrank: "LowRankGradient | None" = None
+    lowrank: S.LowRankGradient | None = None
     skip: BaseException | None = None  # why this cycle's step will be skipped (set by a failed micro-batch)
 
 
@@ -122,7 +123,7 @@ class InBackward:
 
     def _accumulates_lowrank(self, p: torch.Tensor, group: dict) -> bool:
         # Also for k == 1 (then the same computation as step_param's), so that clipping means one thing.
-        return self.optimizer.param_kind(p, group) == "matrix"
+        return self.optimizer.param_kind(p, group) == Kind.MATRIX
 
     @torch.no_grad()
     def _on_gradient(self, p: torch.Tensor) -> None:
@@ -139,15 +140,12 @@ class InBackward:
     def _accumulate_lowrank(self, p, grad, group, slot: _Accumulation, first: bool) -> None:
         if slot.skip is not None:
             return
-        opt = self.optimizer
-        state = opt.state[p]
-        if not state:
-            opt._init_state(p, "matrix", group, state)
+        ctx = self.optimizer.param_step(p, group)
         # The projector can only be refreshed from a full gradient, and only the current micro-batch's exists.
         try:
-            lowrank = opt.project_gradient(p, grad, group, state, state["step"] + 1, refresh=first,
-                                           P=None if slot.lowrank is None else slot.lowrank.P)
-        except (_SkipStep, torch.linalg.LinAlgError) as e:
+            lowrank = S.project_gradient(ctx, grad, ctx.state["step"] + 1, refresh=first,
+                                         P=None if slot.lowrank is None else slot.lowrank.P)
+        except (S.SkipStep, torch.linalg.LinAlgError) as e:
             slot.skip, slot.lowrank = e, None
             return
         if slot.lowrank is None:
@@ -158,19 +156,19 @@ class InBackward:
     def _finish(self, p: torch.Tensor, slot: _Accumulation) -> None:
         opt, group = self.optimizer, self._group(slot)
         if self._accumulates_lowrank(p, group):
-            state = opt.state[p]
-            step = state["step"] + 1
+            ctx = opt.param_step(p, group)
+            step = ctx.state["step"] + 1
             try:
                 if slot.skip is not None:
                     raise slot.skip
                 if slot.lowrank is None:
-                    raise _SkipStep
+                    raise S.SkipStep
                 if self.max_grad_norm is not None:
                     clip_norm_(slot.lowrank.S, self.max_grad_norm)
-                opt.apply_lowrank(p, slot.lowrank, group, state, step)  # commits the pending projector
-                state["step"] = step
-            except (_SkipStep, torch.linalg.LinAlgError) as e:
-                opt._count_skipped(state, e)
+                S.apply_lowrank(ctx, slot.lowrank, step)  # commits the pending projector
+                ctx.state["step"] = step
+            except (S.SkipStep, torch.linalg.LinAlgError) as e:
+                opt._count_skipped(ctx.state, e)
         elif p.grad is not None:
             if self.max_grad_norm is not None:
                 clip_norm_(p.grad, self.max_grad_norm)
@@ -201,9 +199,7 @@ def attach(optimizer, model: torch.nn.Module | None = None, *, accumulation_step
         max_grad_norm: None (no clipping) or > 0: per-parameter clipping (global-norm clipping is
             impossible in-backward).
     """
-    from .optimizer import COAPAdamW
-
-    if not isinstance(optimizer, COAPAdamW):
+    if not callable(getattr(optimizer, "param_step", None)):  # duck-typed: no import of the optimizer module
         raise TypeError(f"optimizer must be a coap8bit COAPAdamW (AdamW8bit / AdamW), got {type(optimizer).__name__}")
     if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
         raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r} (allowed: int >= 1)")

@@ -6,7 +6,7 @@ The model is built on the meta device (parameter shapes only, no weights, offlin
   COAP 8bit+fp32 P    coap8bit's layout with 8-bit moments and the projector kept in fp32 (the COAP
                       reference's 8-bit variant)
   coap8bit            exactly what ``coap8bit.AdamW8bit`` allocates at its first step: the optimizer is
-                      constructed on the meta parameters and its own ``param_kind`` / ``_expected_state``
+                      constructed on the meta parameters and ``layout.param_kind`` / ``layout.state_spec``
                       rules give every tensor (tests check this equals a real allocation to the byte).
 
 Peak of one training step (an additive, deliberately simple model; assumptions printed with the table):
@@ -159,7 +159,8 @@ def coap_workspace_bytes(params, **optimizer_kwargs) -> int:
     refresh steps the range finder's Q and the projector-gradient terms (4·a·r + 10·r·b); every a×b
     fp32 temporary is made in row blocks of at most projection.WORKSPACE_ELEMS elements (3 blocks at
     once). Unprojected tensors: fused bitsandbytes kernel or at most 16 B/element of fp32 temporaries."""
-    from .optimizer import AdamW8bit, _matrix_layout
+    from .layout import matrix_layout
+    from .optimizer import AdamW8bit
     from .projection import WORKSPACE_ELEMS
 
     opt = AdamW8bit(params, **optimizer_kwargs)
@@ -168,7 +169,7 @@ def coap_workspace_bytes(params, **optimizer_kwargs) -> int:
     for p in params:
         kind = opt.param_kind(p, group)
         if kind == "matrix":
-            lay = _matrix_layout(p, group)
+            lay = matrix_layout(p, group)
             worst = max(worst, 14 * lay.a * lay.rank + 16 * lay.rank * lay.b)
         elif kind != "tucker":
             worst = max(worst, 16 * p.numel() if p.dtype == torch.bfloat16 else 0)

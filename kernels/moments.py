@@ -13,7 +13,8 @@ block each way: 12 B/element with an fp32 gradient, 10 with bf16.
 
 Hyper-parameters are runtime arguments: an lr or beta schedule must not trigger a recompile (the bias
 corrections are computed here from ``step`` in double precision and passed as fp32 scalars, as PyTorch
-rounds a Python scalar to the tensor's dtype). No Triton autotuning: it would benchmark the in-place
+rounds a Python scalar to the tensor's dtype). They are validated once, by the optimizer; this launcher
+checks only what the kernel's memory access depends on (shapes, dtypes, devices, contiguity). No Triton autotuning: it would benchmark the in-place
 update several times on the real state.
 """
 
@@ -21,12 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..bound import adam_update_bound, new_numerics
-from .. import quant as _format
-from ..quant import code_map, num_blocks
+from .. import format as _format
+from ..format import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N, code_map, new_numerics, num_blocks
 from .quant import _block_absmax, _nearest_code, _num_warps, check_block_size, check_tensor, midpoint_table
 
 __all__ = ["moment_update_8bit"]
+
+# Slots of the numerics counters (format.NUMERICS_*), as compile-time constants of the kernel.
+BOUND_HITS, FLOOR_HITS, MAX_N = (tl.constexpr(i) for i in (NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N))
 
 
 @triton.jit
@@ -69,9 +72,9 @@ def _moment_update_8bit_kernel(
     n_abs = tl.where(mask, tl.abs(n_raw), 0.0)
     bound_hits = tl.sum((n_abs > bound).to(tl.int32), axis=0)
     floor_hits = tl.sum(((v_new_idx == 0) & (m != 0.0) & mask).to(tl.int32), axis=0)
-    tl.atomic_add(numerics_ptr + 0, bound_hits.to(tl.float64))
-    tl.atomic_add(numerics_ptr + 1, floor_hits.to(tl.float64))
-    tl.atomic_max(numerics_ptr + 2, tl.max(n_abs, axis=0).to(tl.float64))
+    tl.atomic_add(numerics_ptr + BOUND_HITS, bound_hits.to(tl.float64))
+    tl.atomic_add(numerics_ptr + FLOOR_HITS, floor_hits.to(tl.float64))
+    tl.atomic_max(numerics_ptr + MAX_N, tl.max(n_abs, axis=0).to(tl.float64))
 
 
 def moment_update_8bit(
@@ -85,24 +88,17 @@ def moment_update_8bit(
     beta2: float,
     eps: float,
     step: int,
+    bound: float,
     block_size: int,
     numerics: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton twin of :func:`coap8bit.functional.moment_update_8bit`: updates the codes and absmax of m
-    and v in place and returns the bounded N = m̂/(√v̂+eps) (fp32, shaped like ``g``); adds to the
-    ``numerics`` counters (fp64, 3 entries) when given.
+    and v in place and returns N = m̂/(√v̂+eps) clamped to ±``bound`` (fp32, shaped like ``g``); adds to
+    the ``numerics`` counters (fp64, 3 entries) when given.
 
     All tensors on one device, the in-place state contiguous; ``g`` fp32 or bf16; codes uint8 with g's number of elements;
     absmax fp32 with one entry per block of ``block_size`` (a power of two in [32, 4096])."""
     check_block_size(block_size)
-    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise ValueError(f"step must be an int >= 1 (Adam's 1-based step count), got {step!r}")
-    if not (0.0 <= beta1 < 1.0):
-        raise ValueError(f"beta1 must be in [0, 1), got {beta1!r}")
-    if not (0.0 <= beta2 < 1.0):
-        raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
     device = g.device
     g = g.contiguous()  # read-only input: a copy only if it is a strided view (e.g. a Tucker core)
     n = g.numel()
@@ -115,7 +111,7 @@ def moment_update_8bit(
     if numerics is None:
         numerics = new_numerics(device)
     check_tensor("numerics", numerics, dtypes=(torch.float64,), numel=3, device=device)
-    if not _format._V_AS_SQRT or _format._UNSIGNED_HAS_ZERO or not _format._SIGN_PRESERVING:  # ablation switches
+    if not _format.is_default_format():  # an ablation switch is set
         raise NotImplementedError("the Triton kernel implements the second-moment format version 2 (√v on the "
                                   "zero-free map) only")
     n_out = torch.empty(g.shape, dtype=torch.float32, device=device)
@@ -126,7 +122,7 @@ def moment_update_8bit(
         code_map(True, device), code_map(False, device), midpoint_table(True, device),
         midpoint_table(False, device),
         float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2, float(eps),
-        1.0 - beta1**step, 1.0 - beta2**step, adam_update_bound(beta1, beta2, step),
+        1.0 - beta1**step, 1.0 - beta2**step, float(bound),
         n, BLOCK=block_size, num_warps=_num_warps(block_size),
     )
     return n_out

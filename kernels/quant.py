@@ -1,7 +1,7 @@
 """Triton kernels for blockwise 8-bit quantization (the projector's storage format).
 
 Twins of ``coap8bit.quant.quantize_blockwise`` / ``dequantize_blockwise``, same signatures and the same
-format: blocks of ``block_size`` consecutive elements of the flattened tensor, one fp32 absmax per block,
+format (``coap8bit.format``): blocks of ``block_size`` consecutive elements of the flattened tensor, one fp32 absmax per block,
 one uint8 index per element into bitsandbytes' 256-entry dynamic map. One program per block.
 
 The ``@triton.jit`` helpers ``_nearest_code`` / ``_stochastic_code`` / ``_block_absmax`` are shared
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import QUANT_ZERO_SIGNED, code_map, code_midpoints, num_blocks
+from ..format import QUANT_ZERO_SIGNED, code_map, code_midpoints, num_blocks
 
 __all__ = ["quantize_blockwise", "dequantize_blockwise", "BLOCK_SIZE_MIN", "BLOCK_SIZE_MAX"]
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import coap8bit
-from coap8bit.optimizer import LowRankGradient
+from coap8bit import step as S_
+from coap8bit.step import LowRankGradient
 from coap8bit import functional as Fn
 
 torch.set_num_threads(1)  # tiny tensors; the machine's two cores are shared
@@ -139,18 +140,17 @@ def test_three_identical_micro_batches_close_to_accumulated_step():
 def oracle_step_lowrank(opt, p, grads, group, clip=None):
     """The documented rule for one projected parameter: refresh from grads[0] only, S = Σ project(G_i),
     optionally S clipped to norm ``clip``, then the low-rank moment and weight update."""
-    state = opt.state[p]
-    if not state:
-        opt._init_state(p, "matrix", group, state)
+    ctx = opt.param_step(p, group)  # allocates the state at the first call
+    state = ctx.state
     step = state["step"] + 1
-    first = opt.project_gradient(p, grads[0], group, state, step, refresh=True)
+    first = S_.project_gradient(ctx, grads[0], step, refresh=True)
     S = first.S.clone()
     for g in grads[1:]:  # later micro-batches project with the (pending) projector of the first
-        S += opt.project_gradient(p, g, group, state, step, refresh=False, P=first.P).S
+        S += S_.project_gradient(ctx, g, step, refresh=False, P=first.P).S
     if clip is not None:
         assert S.norm() > clip
         S.mul_(clip / (S.norm() + 1e-6))
-    opt.apply_lowrank(p, LowRankGradient(S, first.P, first.pending), group, state, step)
+    S_.apply_lowrank(ctx, LowRankGradient(S, first.P, first.pending), step)
     state["step"] = step
 
 

@@ -21,9 +21,13 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import coap8bit
+import coap8bit.checkpoint
+import coap8bit.format
+import coap8bit.step
 from coap8bit import functional as Fn
 from coap8bit import quant as Q
-from coap8bit.bound import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N, adam_update_bound
+from coap8bit.bound import adam_update_bound
+from coap8bit.format import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N
 from coap8bit.inbackward import clip_norm_
 from coap8bit.kernels import moments as KM
 
@@ -107,7 +111,8 @@ def test_8bit_update_never_exceeds_the_bound_from_any_state(update, rows, cols, 
     g = torch.randn(shape, generator=gen) * 10 ** (6 * torch.rand(rows, 1, generator=gen) - 4)
     g[torch.rand(rows, generator=gen) < zero_rows] = 0.0
     numerics = torch.zeros(3, dtype=torch.float64)
-    N = update(g, *state, beta1=betas[0], beta2=betas[1], eps=1e-8, step=step, block_size=bs, numerics=numerics)
+    N = update(g, *state, beta1=betas[0], beta2=betas[1], eps=1e-8, step=step, bound=adam_update_bound(*betas, step),
+               block_size=bs, numerics=numerics)
     # fp32 N is clamped to the bound rounded to fp32: ≤ 6e-8 above it, inside the 1e-6 the bound is padded by.
     bound = float(torch.tensor(adam_update_bound(*betas, step), dtype=torch.float32))
     assert bool(torch.isfinite(N).all()) and float(N.abs().max()) <= bound
@@ -134,7 +139,7 @@ def test_zero_gradient_after_small_one_stays_bounded(update, block_size):
     worst = 0.0
     for step in range(1, 30):
         grad = g if step <= 3 else torch.where(torch.arange(n) == 0, g, torch.zeros(n))  # element 1 absent later
-        N = update(grad, *state, step=step, **hyper)
+        N = update(grad, *state, step=step, bound=adam_update_bound(0.9, 0.999, step), **hyper)
         worst = max(worst, float(N[1].abs()) / adam_update_bound(0.9, 0.999, step))
     assert worst <= 1.0
     assert int(numerics[NUMERICS_BOUND_HITS]) == 0 and int(numerics[NUMERICS_FLOOR_HITS]) == 0
@@ -177,7 +182,7 @@ def test_kernel_numerics_counters_match_twin(shape, block_size):
     twin = [t.clone() for t in state]
     g = torch.randn(shape, generator=gen)
     a, b = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=3, block_size=block_size)
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=3, bound=adam_update_bound(0.9, 0.999, 3), block_size=block_size)
     KM.moment_update_8bit(g, *state, numerics=a, **kw)
     Fn.moment_update_8bit(g, *twin, numerics=b, **kw)
     # Counts may differ only where an element's fp32 value differs by an ulp across the paths and sits on a
@@ -187,7 +192,7 @@ def test_kernel_numerics_counters_match_twin(shape, block_size):
 
 
 # ------------------------------------------------------------------------------ a whole demo run, bounded
-def test_demo_run_every_update_within_the_bound():
+def test_demo_run_every_update_within_the_bound(monkeypatch):
     """The demo's model and settings (rank_ratio 2, lr 3e-3), its first 80 steps (0.1.0's catastrophic
     updates came at steps 2-3; benchmarks/seed_robustness.py checks whole 300-step runs over seeds and
     thread counts): every N any parameter's update uses is within the bound of its step, and the largest |N|
@@ -200,15 +205,15 @@ def test_demo_run_every_update_within_the_bound():
     model = TinyLlama(TinyLlamaConfig(dim=128, n_layers=4, n_heads=4, ffn_dim=352, max_seq_len=96))
     opt = coap8bit.AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.0, rank_ratio=2, update_interval=40)
     seen = {"calls": 0, "worst": 0.0}
-    inner = opt._moment_update
+    inner = coap8bit.step.moment_update
 
-    def observed(S, state, group, step, block_size):
-        N = inner(S, state, group, step, block_size)
+    def observed(ctx, g, step):
+        N = inner(ctx, g, step)
         seen["calls"] += 1
-        seen["worst"] = max(seen["worst"], float(N.abs().max()) / adam_update_bound(*group["betas"], step))
+        seen["worst"] = max(seen["worst"], float(N.abs().max()) / adam_update_bound(*ctx.group["betas"], step))
         return N
 
-    opt._moment_update = observed
+    monkeypatch.setattr(coap8bit.step, "moment_update", observed)
     gen = torch.Generator().manual_seed(0)
     steps = 80
     for _ in range(steps):
@@ -370,7 +375,7 @@ def test_checkpoint_from_0_1_0_loads_into_the_new_format():
     opt.load_state_dict(copy.deepcopy(sd))
     for index, p in enumerate(params):
         old, new = sd["state"][index], opt.state[p]
-        assert new["format"] == Q.FORMAT_VERSION and new["numerics"].dtype == torch.float64
+        assert new["format"] == coap8bit.format.FORMAT_VERSION and new["numerics"].dtype == torch.float64
         for key in ("exp_avg_codes", "proj_codes", "exp_avg", "exp_avg_sq"):
             if key in old:
                 assert torch.equal(old[key], new[key]), key
@@ -388,6 +393,6 @@ def test_checkpoint_of_a_newer_format_is_refused_by_name():
     opt = coap8bit.AdamW8bit(params, min_proj_size=256)
     _step_with(opt, params, _grads(params, 0))
     sd = copy.deepcopy(opt.state_dict())
-    sd["state"][0]["format"] = Q.FORMAT_VERSION + 1
+    sd["state"][0]["format"] = coap8bit.format.FORMAT_VERSION + 1
     with pytest.raises(ValueError, match="format version"):
         coap8bit.AdamW8bit(params, min_proj_size=256).load_state_dict(sd)

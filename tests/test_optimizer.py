@@ -7,6 +7,8 @@ from hypothesis import given, settings, strategies as st
 import torch
 
 import coap8bit
+import coap8bit.checkpoint
+import coap8bit.step
 from coap8bit.lm import TinyLlama, TinyLlamaConfig, evaluate, sample_batch, split_corpus, text_corpus
 
 
@@ -314,7 +316,8 @@ def test_rotate_moments_expresses_moment_in_new_basis():
     st = opt.state[p[0]]
     m_old, P_old = st["exp_avg"].clone(), st["proj"].clone()
     P_new = torch.linalg.qr(torch.randn(64, 8)).Q.mT
-    opt._rotate_moments(st, coap8bit.projection.rotation(P_old, P_new), opt.param_groups[0])
+    ctx = opt.param_step(p[0], opt.param_groups[0])
+    coap8bit.step.rotate_moments(ctx, coap8bit.projection.rotation(P_old, P_new), dim=1)
     torch.testing.assert_close(st["exp_avg"] @ P_new, m_old @ P_old @ P_new.mT @ P_new, atol=1e-5, rtol=1e-4)
 
 
@@ -363,7 +366,7 @@ def test_property_any_matrix_shape_steps_with_consistent_state(rows, cols, rank,
     r = rank if rank is not None else max(1, min(rows, cols) // 4)
     assert kind == ("matrix" if r < min(rows, cols) else ("dense8" if bits == 8 else "dense32"))
     assert torch.isfinite(w).all() and opt.state[w]["step"] == 3
-    coap8bit.optimizer._validate_param_state(w, opt.state[w], kind, group)
+    coap8bit.checkpoint.validate_param_state(w, opt.state[w], kind, group)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""Choose, per call site, between a Triton kernel and its pure-PyTorch twin.
+"""Choose between the Triton kernels (``coap8bit.kernels``) and their pure-PyTorch twins: once per
+parameter (:func:`backend_for`, bound to the parameter's device), or per function.
 
 ``backend="auto"``: Triton for CUDA tensors, PyTorch otherwise. ``backend="triton"``: Triton on CUDA; on
 CPU tensors only through Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU test suite runs the
@@ -8,15 +9,18 @@ Triton is imported lazily, only when a kernel is selected, so the torch path nev
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from typing import Callable
 
 import torch
 
-from .. import functional as Fn
-from .. import quant as Q
+from . import functional as Fn
+from . import quant as Q
 
-__all__ = ["BACKENDS", "use_triton", "moment_update_8bit", "quantize_blockwise", "dequantize_blockwise"]
+__all__ = ["BACKENDS", "Backend", "backend_for", "use_triton", "moment_update_8bit", "quantize_blockwise",
+           "dequantize_blockwise"]
 
 BACKENDS = ("auto", "torch", "triton")
 _TRUE = ("1", "true", "yes", "on")  # the values Triton's own TRITON_INTERPRET knob reads as set
@@ -54,9 +58,9 @@ def _kernel_module(name: str):
     """Import kernels.<name>; under the interpreter, check its kernels were built interpreted (Triton
     decides when a @triton.jit function is defined, i.e. when this module is first imported)."""
     if name == "moments":
-        from . import moments as module
+        from .kernels import moments as module
     else:
-        from . import quant as module
+        from .kernels import quant as module
     if _interpret_requested():
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -91,3 +95,25 @@ def dequantize_blockwise(backend: str, device: torch.device | str) -> Callable[.
     if not use_triton(backend, device):
         return Q.dequantize_blockwise
     return _kernel_module("quant").dequantize_blockwise
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """The three state operations of one backend on one device (signatures of the torch twins)."""
+
+    name: str
+    quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    dequantize: Callable[..., torch.Tensor]
+    moment_update_8bit: Callable[..., torch.Tensor]
+
+
+@functools.lru_cache(maxsize=None)
+def _backend(backend: str, device: torch.device, interpret: bool) -> Backend:
+    return Backend(backend, quantize_blockwise(backend, device), dequantize_blockwise(backend, device),
+                   moment_update_8bit(backend, device))
+
+
+def backend_for(backend: str, device: torch.device | str) -> Backend:
+    """The state operations ``backend`` runs for tensors on ``device``, resolved once (raises as
+    :func:`use_triton` when Triton cannot run there)."""
+    return _backend(backend, torch.device(device), _interpret_requested())

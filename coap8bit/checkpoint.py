@@ -1,0 +1,130 @@
+"""Optimizer checkpoints: validating loaded state against the layout, upgrading 0.1.0 state, and the
+FSDP2 export / import of row-sharded moments.
+
+FSDP2: a dim-0 sharded parameter's moments are row-sharded when they follow its rows: those of an
+unprojected tensor, and the a_local×r moments of a right projection. Their 8-bit blocks are cut per shard,
+so their codes and absmax have no world-size independent layout: they are exported dequantized, as fp32
+DTensors (4 bytes per moment element in the checkpoint instead of 1), and re-quantized on load by
+``distributed.requantize_blockwise``: exactly the saved codes when the block boundaries are unchanged (same
+world size, or shard sizes that are multiples of the block), else within one rounding (half a code step of
+the new block's absmax). Everything else (projector, a left projection's a×r moments, step counts) is
+replicated and exported as held, bit-exact in every world size.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import distributed as dist_
+from .format import FORMAT_VERSION, new_numerics, num_blocks
+from .layout import SCALAR_STATE, Kind, matrix_layout, moment_block, state_bits, state_spec
+from .quant import (dequantize_blockwise, dequantize_second_moment, quantize_second_moment, second_moment_from_v1,
+                    second_moment_stored)
+
+__all__ = ["restore_saved_tensors", "upgrade_state", "validate_param_state", "export_sharded_state",
+           "import_sharded_state"]
+
+_MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, stored on the signed map)
+
+
+def restore_saved_tensors(optimizer, state_dict: dict) -> None:
+    """Put every saved state tensor back as saved — moved to its parameter's device, never cast.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype: the fp32 absmax
+    and projector of a bf16 weight would silently become bf16. Called after it, this undoes that."""
+    id_to_param = {
+        saved_id: p
+        for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups)
+        for saved_id, p in zip(saved_group["params"], group["params"])
+    }
+    for saved_id, saved in state_dict["state"].items():
+        p = id_to_param.get(saved_id)
+        if p is None:
+            continue
+        restored = optimizer.state[p]
+        for key, value in saved.items():
+            if torch.is_tensor(value):
+                restored[key] = value.to(device=p.device, copy=True)
+
+
+def upgrade_state(state: dict, kind: Kind, group: dict) -> None:
+    """Bring a loaded state to the current format: a 0.1.0 checkpoint (no "format" key, version 1) stored
+    v itself on bitsandbytes' unsigned map; it is decoded and re-stored as √v (one rounding), and its
+    numerics counters start at zero."""
+    version = state.get("format", 1)
+    if version == FORMAT_VERSION:
+        return
+    if version != 1:
+        raise ValueError(f"loaded optimizer state has format version {version!r}; this coap8bit reads versions 1 "
+                         f"and {FORMAT_VERSION} (a checkpoint from a newer coap8bit?)")
+    if "exp_avg_sq_codes" in state:
+        bs = moment_block(kind, group)
+        codes, absmax = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
+        if tuple(absmax.shape) == (num_blocks(codes.numel(), bs),):  # else the layout check reports it
+            v = second_moment_from_v1(codes, absmax, block_size=bs)
+            quantize_second_moment(v, block_size=bs, out_codes=codes, out_absmax=absmax)
+    state.setdefault("numerics", new_numerics(next(t.device for t in state.values() if torch.is_tensor(t))))
+    state["format"] = FORMAT_VERSION
+
+
+def validate_param_state(p: torch.Tensor, state: dict, kind: Kind, group: dict) -> None:
+    """Raise ValueError unless ``state`` holds exactly the tensors of ``layout.state_spec`` (keys, dtypes,
+    shapes) and non-negative int scalars."""
+    expected = state_spec(p, group, kind)
+    where = f"parameter of shape {tuple(p.shape)} ({kind}, {state_bits(kind, group)}-bit)"
+    tensor_keys = {k for k, v in state.items() if torch.is_tensor(v)}
+    if tensor_keys != set(expected):
+        raise ValueError(f"loaded optimizer state does not fit {where}: expected keys {sorted(expected)}, got "
+                         f"{sorted(tensor_keys)} (a state dict from another model, optimizer or settings?)")
+    for key, (shape, dtype, _) in expected.items():
+        t = state[key]
+        if t.dtype != dtype:
+            raise ValueError(f"loaded state {key!r} for {where} has dtype {t.dtype}, expected {dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"loaded state {key!r} for {where} has shape {tuple(t.shape)}, expected {shape}")
+    for key in SCALAR_STATE:
+        if not isinstance(state.get(key), int) or state[key] < 0:
+            raise ValueError(f"loaded state {key!r} for {where} must be a non-negative int, got "
+                             f"{state.get(key)!r}")
+
+
+def _sharded_moment_block(p: torch.Tensor, kind: Kind, group: dict) -> int | None:
+    """Block size of p's row-sharded moments, or None when its moments are replicated."""
+    if kind == Kind.MATRIX:
+        return None if matrix_layout(p, group).transposed else group["block_size"]
+    return moment_block(kind, group) if kind in (Kind.DENSE8, Kind.DENSE32) else None
+
+
+def export_sharded_state(p, state: dict, kind: Kind, group: dict, shard: dist_.ParamShard) -> dict:
+    """The state of an FSDP2 parameter as DCP saves it: row-sharded moments as fp32 DTensors (m and v)."""
+    bs = _sharded_moment_block(p, kind, group)
+    out = dict(state)  # torch.optim's state_dict shares the live dict: never modify it
+    if bs is None:
+        return out
+    for name, signed in _MOMENTS:
+        if name + "_codes" in out:
+            codes, absmax = out.pop(name + "_codes"), out.pop(name + "_absmax")
+            value = (dequantize_blockwise(codes, absmax, signed=True, block_size=bs) if signed else
+                     dequantize_second_moment(codes, absmax, block_size=bs))  # the moments themselves: m and v
+        else:
+            value = out[name]
+        out[name] = shard.as_dtensor(value)
+    return out
+
+
+def import_sharded_state(p, state: dict, kind: Kind, group: dict) -> None:
+    """Inverse of :func:`export_sharded_state` on this process's shard (in place)."""
+    bs = _sharded_moment_block(p, kind, group)
+    if bs is None:
+        return
+    quantized = state_bits(kind, group) == 8
+    for name, signed in _MOMENTS:
+        value = state.get(name)
+        if value is None or not torch.is_tensor(value):
+            continue  # already in the held form (e.g. a state dict saved without DTensors)
+        value = dist_.local(value).to(torch.float32)
+        if quantized:
+            del state[name]
+            state[name + "_codes"], state[name + "_absmax"] = dist_.requantize_blockwise(
+                value if signed else second_moment_stored(value), signed=signed, block_size=bs)
+        else:
+            state[name] = value.contiguous().clone()

@@ -1,0 +1,371 @@
+"""The COAP step of one parameter as plain functions: schedule, project, refresh, moment update, apply.
+
+``COAPAdamW.step()``, the in-backward accumulation (``inbackward``) and the quantization-error tracker
+(``accounting.QuantErrorTracker``, a :class:`StepObserver`) all go through these functions; the Optimizer
+class only validates, owns the state and builds one :class:`ParamStep` per parameter and step.
+
+A matrix step (t = the parameter's step number, 1-based)::
+
+    lowrank = project_gradient(ctx, grad, t, refresh=True)   # S = G Pᵀ, with P refreshed first if due
+    apply_lowrank(ctx, lowrank, t)                           # commit P, Adam on S, W <- W - lr·N P
+
+Every step is all or nothing: anything that would make it non-finite raises :class:`SkipStep` (or QR/SVD
+raises ``LinAlgError``) before the first write, and the caller counts the skip.
+
+Numerics (every kind): the normalized update N = m̂/(√v̂+eps) is clamped to exact Adam's bound for the
+group's betas at that step (``bound.adam_update_bound``; a no-op for exact moments, it removes quantization
+artefacts), and counted in ``state["numerics"]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from . import distributed as dist_
+from . import functional as Fn
+from . import projection as proj
+from .bound import adam_update_bound
+from .dispatch import Backend
+from .layout import MOMENT_RANK_DIM, Kind, matrix_layout, moment_block, tucker_ranks
+from .qstate import StateTensor, moments, projector
+
+__all__ = ["SkipStep", "check_grad", "refresh_event", "ParamStep", "StepObserver", "PendingProjector",
+           "LowRankGradient", "take_step", "project_gradient", "apply_lowrank", "rotate_moments"]
+
+# Purposes mixed into derive_seed so that streams of different uses never coincide.
+SEED_INIT, SEED_PROJ_SR, SEED_PARAM_SR = 1, 2, 3
+
+# Ablation switch (benchmarks/seed_robustness.py --ablation): unprojected 8-bit tensors through bitsandbytes'
+# fused kernel, as 0.1.0 did, instead of our bounded update. Off: that kernel's N is unbounded and its v map
+# has the zero point; measured equal or worse loss (RESULTS.md, ablation section).
+_DENSE8_BNB_FUSED = False
+
+
+class SkipStep(Exception):
+    """Raised inside one parameter's step, before any state is written, when it must be skipped."""
+
+
+def _require(ok: bool) -> None:
+    if not ok:
+        raise SkipStep
+
+
+def check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise RuntimeError("coap8bit does not support sparse gradients (e.g. nn.Embedding(sparse=True))")
+    if grad.shape != p.shape:
+        raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(p.shape)}")
+
+
+def refresh_event(step: int, group: dict) -> str | None:
+    """The projector schedule (t = step, 1-based): "init" at t == 1 (range finder on a seeded Gaussian
+    sketch); "reproject" when (t-1) % (T_u·factor) == 0 (warm-started range finder, sketch G P_oldᵀ);
+    "sgd" when (t-1) % T_u == 0 (correlation-aware SGD step); else None."""
+    if step == 1:
+        return "init"
+    T_u = group["update_interval"]
+    if (step - 1) % (T_u * group["reproject_factor"]) == 0:
+        return "reproject"
+    return "sgd" if (step - 1) % T_u == 0 else None
+
+
+class StepObserver:
+    """Hooks at the step's two requantization points (the moment update, a projector commit), in the
+    manner of torch's optimizer hooks: what the quantization-error tracker measures. No-ops here."""
+
+    def moments_before(self, ctx: ParamStep, step: int):
+        """Called before the moments are updated; the value returned is passed to :meth:`moments_after`
+        (None: nothing to measure at this step)."""
+        return None
+
+    def moments_after(self, ctx: ParamStep, token, g: torch.Tensor, step: int) -> None:
+        pass
+
+    def projector_committed(self, ctx: ParamStep, pending: PendingProjector, P_old: torch.Tensor | None,
+                            step: int) -> None:
+        """After a refreshed projector was written (``P_old``: the one it replaced; None at the first)."""
+
+
+@dataclasses.dataclass
+class ParamStep:
+    """What one parameter's step reads: the parameter, its group and state, its kind, the backend bound to
+    its device, its FSDP2 shard (None for a plain tensor) and the observer (None: no tracking)."""
+
+    p: torch.Tensor
+    group: dict
+    state: dict
+    kind: Kind
+    backend: Backend
+    shard: dist_.ParamShard | None = None
+    observer: StepObserver | None = None
+    _loaded: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def block_size(self) -> int:
+        return moment_block(self.kind, self.group)
+
+    def moments(self) -> tuple[StateTensor, StateTensor]:
+        return moments(self.state, self.block_size, self.backend)
+
+    def projector(self, name: str) -> StateTensor:
+        return projector(self.state, name, self.block_size, self.backend)
+
+    def load_projector(self, name: str) -> torch.Tensor:
+        """The fp32 projector, dequantized once per step (the fp32 state's own tensor under fp32)."""
+        if name not in self._loaded:
+            self._loaded[name] = self.projector(name).load()
+        return self._loaded[name]
+
+    @functools.cached_property
+    def layout(self) -> proj.ProjLayout:
+        return matrix_layout(self.p, self.group)
+
+    @functools.cached_property
+    def ops(self) -> dist_.LocalMatrix:
+        return dist_.matrix_ops(self.shard, self.layout.transposed)
+
+    def seed(self, step: int, purpose: int) -> int:
+        return proj.derive_seed(self.group["seed"], self.state["seed_key"], step, purpose)
+
+    def param_sr_seed(self, step: int) -> int | None:
+        if self.p.dtype == torch.bfloat16 and self.group["bf16_stochastic_rounding"]:
+            return self.seed(step, SEED_PARAM_SR)
+        return None
+
+
+@dataclasses.dataclass
+class PendingProjector:
+    """A refreshed projector computed but not yet written: ``P`` is the fp32 value every product of this
+    step uses (the dequantized codes under 8-bit), ``target`` what the refresh computed before rounding."""
+
+    name: str
+    target: torch.Tensor
+    P: torch.Tensor
+    codes: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class LowRankGradient:
+    """S = G Pᵀ (fp32, a×r), the P that produced it and, at a refresh, the pending new projector."""
+
+    S: torch.Tensor
+    P: torch.Tensor
+    pending: PendingProjector | None = None
+
+
+# ---------------------------------------------------------------------------------------------- moments
+def moments_fit(ctx: ParamStep, g: torch.Tensor, step: int, ops=None) -> None:
+    """Raise SkipStep unless an Adam update with ``g`` keeps the moments finite (which also requires g
+    finite): checked before anything is written, so a skipped step leaves state bit-identical. One host
+    sync; on FSDP2 shards the verdict is all-reduced so that every rank skips alike."""
+    beta1, beta2 = ctx.group["betas"]
+    m, v = ctx.moments()
+    g_peak = g.abs().amax().to(torch.float32)
+    fits = Fn.moments_stay_finite(g_peak, m.peak(), v.peak(), beta1=beta1, beta2=beta2, step=step)
+    _require(bool(fits) if ops is None else ops.all_true(bool(fits), fits.device))
+
+
+def moment_update(ctx: ParamStep, g: torch.Tensor, step: int) -> torch.Tensor:
+    """Adam's moments updated in place with ``g``; returns the bounded normalized update N (fp32)."""
+    beta1, beta2 = ctx.group["betas"]
+    hyper = dict(beta1=beta1, beta2=beta2, eps=ctx.group["eps"], step=step,
+                 bound=adam_update_bound(beta1, beta2, step), numerics=ctx.state["numerics"])
+    m, v = ctx.moments()
+    token = ctx.observer.moments_before(ctx, step) if ctx.observer is not None else None
+    if m.quantized:
+        N = ctx.backend.moment_update_8bit(g, m.codes, m.absmax, v.codes, v.absmax, block_size=ctx.block_size,
+                                           **hyper)
+    else:
+        N = Fn.moment_update_32bit(g, m.load(), v.load(), **hyper)
+    if token is not None:
+        ctx.observer.moments_after(ctx, token, g, step)
+    return N
+
+
+def rotate_moments(ctx: ParamStep, C: torch.Tensor, dim: int) -> None:
+    """m <- m C, v <- v (C∘C) along the moments' rank dimension ``dim`` (1 for a matrix's a×r moments, 0
+    or 1 for a Tucker core): the moments re-expressed in the new projector's basis."""
+
+    def along(t: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        return (t.movedim(dim, -1) @ R).movedim(-1, dim)
+
+    m, v = ctx.moments()
+    m.store(along(m.load(), C))
+    v.store(along(v.load(), C * C).clamp_min_(0.0))
+
+
+# ---------------------------------------------------------------------------------------------- projector
+def quantize_projector(ctx: ParamStep, name: str, P: torch.Tensor, sr_seed: int | None) -> PendingProjector:
+    """A new projector as it will be stored (8-bit: quantized into fresh codes), not yet in the state:
+    the step commits it only once it is known to succeed."""
+    P = P.to(torch.float32)
+    view = ctx.projector(name)
+    if not view.quantized:
+        return PendingProjector(name, P, P)
+    noise = proj.seeded_uniform(tuple(P.shape), sr_seed, P.device) if sr_seed is not None else None
+    codes, absmax = view.quantize(P, noise)
+    stored = ctx.backend.dequantize(codes, absmax, signed=True, block_size=ctx.block_size)
+    return PendingProjector(name, P, stored, codes, absmax)
+
+
+def commit_projector(ctx: ParamStep, pending: PendingProjector, step: int) -> None:
+    """Write a pending projector into the state (rotating the moments into its basis if asked)."""
+    view, first = ctx.projector(pending.name), ctx.state["step"] == 0
+    P_old = None
+    if not first and (ctx.group["rotate_moments"] or ctx.observer is not None):
+        P_old = ctx.load_projector(pending.name)
+        P_old = P_old if view.quantized else P_old.clone()  # fp32: the held tensor, about to be overwritten
+    if pending.codes is None:
+        view.store(pending.P)
+    else:
+        view.store_quantized(pending.codes, pending.absmax)
+    ctx._loaded[pending.name] = pending.P
+    if ctx.group["rotate_moments"] and P_old is not None:
+        rotate_moments(ctx, proj.rotation(P_old, pending.P), dim=MOMENT_RANK_DIM[pending.name])
+    if ctx.observer is not None:
+        ctx.observer.projector_committed(ctx, pending, P_old, step)
+
+
+def refresh_projector(ctx: ParamStep, G: torch.Tensor, S_old: torch.Tensor | None, P_old: torch.Tensor | None,
+                      step: int, name: str, rank: int, ops: dist_.LocalMatrix) -> PendingProjector | None:
+    """The refreshed projector (r×b) of canonical gradient G (a×b) at ``step``, pending (not yet stored),
+    or None when none is due. ``ops``: the math for this process's part of G (``distributed.matrix_ops``).
+    Raises SkipStep rather than run QR/SVD on non-finite data. Tucker factors get no SGD step."""
+    event = refresh_event(step, ctx.group)
+    if event is None or (event == "sgd" and name != "proj"):
+        return None
+    group, sr_seed = ctx.group, None
+    if event == "init":
+        # Seeded from (seed, seed_key): the same Ω on every rank, so FSDP2 shards agree on P.
+        omega = proj.seeded_normal((ops.width(G), rank), ctx.seed(0, SEED_INIT), G.device)
+        sketch = ops.sketch(G, omega)
+        _require(ops.all_finite(sketch))
+        P_new = proj.canonical_signs(ops.range_finder(G, sketch, rank, group["power_iters"]))
+    elif event == "reproject":
+        _require(ops.all_finite(S_old))
+        P_new = proj.align_signs(ops.range_finder(G, S_old, rank, group["power_iters"]), P_old)
+    else:
+        _require(ops.all_finite(S_old))
+        P_new, _ = ops.sgd_step(G, S_old, ctx.moments()[0].load(), P_old, lr=group["proj_lr"],
+                                max_grad_norm=group["proj_max_grad_norm"], objective=group["proj_objective"])
+        sr_seed = ctx.seed(step, SEED_PROJ_SR) if group["proj_rounding"] == "stochastic" else None
+    _require(bool(torch.isfinite(P_new).all()))  # P is replicated: every rank decides alike
+    return quantize_projector(ctx, name, P_new, sr_seed)
+
+
+# ---------------------------------------------------------------------------------------------- rules
+def project_gradient(ctx: ParamStep, grad: torch.Tensor, step: int, *, refresh: bool,
+                     P: torch.Tensor | None = None) -> LowRankGradient:
+    """Low-rank gradient S = G Pᵀ (fp32, a×r) of a "matrix" parameter for its step number ``step``. With
+    ``refresh`` the projector is first initialised / SGD-stepped / re-projected from this gradient when
+    ``step`` is due; the new projector is returned pending, to be committed by :func:`apply_lowrank`.
+    Without it the given ``P`` (or the stored one) is used as it is (e.g. later micro-batches of an
+    accumulated step). Raises SkipStep on non-finite data; writes no state."""
+    layout, ops = ctx.layout, ctx.ops
+    G = proj.canonical(dist_.local(grad), layout)
+    pending = None
+    if refresh and ctx.state["step"] == 0:  # first step (or first one not skipped): initial projector
+        _require(ops.all_finite(G))
+        pending = refresh_projector(ctx, G, None, None, 1, "proj", layout.rank, ops)
+        P = pending.P
+    elif P is None:
+        P = ctx.load_projector("proj")
+    S = ops.lowrank(G, P)
+    if refresh and ctx.state["step"] > 0:
+        pending = refresh_projector(ctx, G, S, P, step, "proj", layout.rank, ops)
+        if pending is not None:
+            P = pending.P
+            S = ops.lowrank(G, P)
+    return LowRankGradient(S, P, pending)
+
+
+def apply_lowrank(ctx: ParamStep, lowrank: LowRankGradient, step: int) -> None:
+    """Commit a pending projector, update the moments with the low-rank gradient S, then
+    W <- (1-lr·wd) W - lr·scale · N P. Raises SkipStep, with nothing written, when the moments would not
+    stay finite (a non-finite S included)."""
+    group, layout, ops = ctx.group, ctx.layout, ctx.ops
+    moments_fit(ctx, lowrank.S, step, ops)
+    if lowrank.pending is not None:
+        commit_projector(ctx, lowrank.pending, step)
+    N = moment_update(ctx, lowrank.S, step)
+    # FSDP2: this shard's rows of W (right) or its columns of canonical Wᵀ with P's matching columns (left).
+    Fn.apply_matrix_update_(proj.canonical(dist_.local(ctx.p), layout), N, ops.cols(lowrank.P), lr=group["lr"],
+                            weight_decay=group["weight_decay"], scale=group["scale"],
+                            sr_seed=ctx.param_sr_seed(step))
+
+
+def _step_matrix(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
+    apply_lowrank(ctx, project_gradient(ctx, grad, step, refresh=True), step)
+
+
+def _step_tucker(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
+    """Conv weight (O, I, kh, kw): moments live on the core C = G ×₀ U0ᵀ ×₁ U1ᵀ (r0, r1, kh, kw), the update
+    is N ×₀ U0 ×₁ U1. Each factor U_k is maintained as the projector of the mode-k unfolding (transposed so
+    it is canonical): initial and warm-started re-projection as for matrices; the correlation-aware SGD
+    step is a matrix-only feature."""
+    group, first = ctx.group, ctx.state["step"] == 0
+    if first or refresh_event(step, group) == "reproject":  # QR/SVD below: finite data only
+        _require(bool(torch.isfinite(grad).all()))  # (otherwise moments_fit on the core decides)
+    G = grad.to(torch.float32)
+    factors, pendings = [], []
+    for mode, r in enumerate(tucker_ranks(ctx.p.shape, group)):
+        name = f"factor{mode}"
+        unfold = G.movedim(mode, 0).reshape(G.shape[mode], -1).mT  # (rest, dim_mode)
+        U = None if first else ctx.load_projector(name)
+        pending = refresh_projector(ctx, unfold, None if U is None else unfold @ U.mT, U, step, name, r,
+                                    dist_.LocalMatrix())
+        if pending is not None:
+            pendings.append(pending)
+            U = pending.P
+        factors.append(U)
+    U0, U1 = factors
+    core = torch.einsum("oikl,ao,bi->abkl", G, U0, U1)
+    moments_fit(ctx, core, step)
+    for pending in pendings:
+        commit_projector(ctx, pending, step)
+    N = moment_update(ctx, core, step)
+    full = torch.einsum("abkl,ao,bi->oikl", N, U0, U1).mul_(group["scale"])
+    Fn.apply_dense_update_(ctx.p, full, lr=group["lr"], weight_decay=group["weight_decay"],
+                           sr_seed=ctx.param_sr_seed(step))
+
+
+def _step_dense(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
+    group = ctx.group
+    p, grad = dist_.local(ctx.p), dist_.local(grad)  # FSDP2: Adam is elementwise, so the shard steps alone
+    moments_fit(ctx, grad, step, ctx.shard)  # ... but all ranks skip together: shards' step counts stay equal
+    sr_seed = ctx.param_sr_seed(step)
+    if _DENSE8_BNB_FUSED and ctx.kind == Kind.DENSE8 and sr_seed is None and p.is_contiguous() and grad.is_contiguous():
+        _bnb_fused_dense8(ctx, p, grad, step)  # ablation only
+        return
+    N = moment_update(ctx, grad.to(torch.float32), step)
+    Fn.apply_dense_update_(p, N, lr=group["lr"], weight_decay=group["weight_decay"], sr_seed=sr_seed)
+
+
+def _bnb_fused_dense8(ctx: ParamStep, p: torch.Tensor, grad: torch.Tensor, step: int) -> None:
+    """bitsandbytes' fused blockwise kernel, 0.1.0's dense8 path (see _DENSE8_BNB_FUSED)."""
+    import bitsandbytes.functional as bnbf
+
+    from .format import _code_map_cpu, code_map
+
+    group, state = ctx.group, ctx.state
+    beta1, beta2 = group["betas"]
+    bnbf.optimizer_update_8bit_blockwise(
+        "adam", grad, p, state["exp_avg_codes"], state["exp_avg_sq_codes"], beta1, beta2, 0.0, 0.0,
+        group["eps"], step, group["lr"], code_map(True, p.device), _code_map_cpu(False, True).to(p.device),
+        state["exp_avg_absmax"], state["exp_avg_sq_absmax"], weight_decay=group["weight_decay"],
+    )
+
+
+_RULES = {Kind.MATRIX: _step_matrix, Kind.TUCKER: _step_tucker, Kind.DENSE8: _step_dense,
+          Kind.DENSE32: _step_dense}
+
+
+def take_step(ctx: ParamStep, grad: torch.Tensor) -> None:
+    """One optimizer step of one parameter, all or nothing: raises SkipStep / LinAlgError with the
+    parameter and its state untouched, else advances ``state["step"]``."""
+    step = ctx.state["step"] + 1
+    _RULES[ctx.kind](ctx, grad, step)
+    ctx.state["step"] = step
