@@ -17,13 +17,15 @@ import torch
 from . import distributed as dist_
 from .format import FORMAT_VERSION, new_numerics, num_blocks
 from .layout import SCALAR_STATE, Kind, matrix_layout, moment_block, state_bits, state_spec
-from .quant import (dequantize_blockwise, dequantize_second_moment, quantize_second_moment, second_moment_from_v1,
-                    second_moment_stored)
+from .dispatch import backend_for
+from .qstate import moments
+from .quant import second_moment_from_v1, second_moment_stored
 
 __all__ = ["restore_saved_tensors", "upgrade_state", "validate_param_state", "export_sharded_state",
            "import_sharded_state"]
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, stored on the signed map)
+_TORCH = backend_for("torch", "cpu")  # checkpoint conversions run once, on whichever device: the torch path
 
 
 def restore_saved_tensors(optimizer, state_dict: dict) -> None:
@@ -56,12 +58,10 @@ def upgrade_state(state: dict, kind: Kind, group: dict) -> None:
     if version != 1:
         raise ValueError(f"loaded optimizer state has format version {version!r}; this coap8bit reads versions 1 "
                          f"and {FORMAT_VERSION} (a checkpoint from a newer coap8bit?)")
-    if "exp_avg_sq_codes" in state:
-        bs = moment_block(kind, group)
-        codes, absmax = state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"]
-        if tuple(absmax.shape) == (num_blocks(codes.numel(), bs),):  # else the layout check reports it
-            v = second_moment_from_v1(codes, absmax, block_size=bs)
-            quantize_second_moment(v, block_size=bs, out_codes=codes, out_absmax=absmax)
+    bs = moment_block(kind, group)
+    _, v = moments(state, bs, _TORCH)
+    if "exp_avg_sq_codes" in state and tuple(v.absmax.shape) == (num_blocks(v.codes.numel(), bs),):
+        v.store(second_moment_from_v1(v.codes, v.absmax, block_size=bs))  # (a bad layout: validation reports it)
     state.setdefault("numerics", new_numerics(next(t.device for t in state.values() if torch.is_tensor(t))))
     state["format"] = FORMAT_VERSION
 
@@ -100,14 +100,11 @@ def export_sharded_state(p, state: dict, kind: Kind, group: dict, shard: dist_.P
     out = dict(state)  # torch.optim's state_dict shares the live dict: never modify it
     if bs is None:
         return out
-    for name, signed in _MOMENTS:
-        if name + "_codes" in out:
-            codes, absmax = out.pop(name + "_codes"), out.pop(name + "_absmax")
-            value = (dequantize_blockwise(codes, absmax, signed=True, block_size=bs) if signed else
-                     dequantize_second_moment(codes, absmax, block_size=bs))  # the moments themselves: m and v
-        else:
-            value = out[name]
-        out[name] = shard.as_dtensor(value)
+    for view in moments(out, bs, _TORCH):
+        value = view.load()  # the moments themselves, m and v (dequantized under 8-bit)
+        if view.quantized:
+            del out[view.name + "_codes"], out[view.name + "_absmax"]
+        out[view.name] = shard.as_dtensor(value)
     return out
 
 

@@ -350,12 +350,12 @@ def _bnb_fused_dense8(ctx: ParamStep, p: torch.Tensor, grad: torch.Tensor, step:
 
     from .format import _code_map_cpu, code_map
 
-    group, state = ctx.group, ctx.state
+    group, (m, v) = ctx.group, ctx.moments()
     beta1, beta2 = group["betas"]
     bnbf.optimizer_update_8bit_blockwise(
-        "adam", grad, p, state["exp_avg_codes"], state["exp_avg_sq_codes"], beta1, beta2, 0.0, 0.0,
-        group["eps"], step, group["lr"], code_map(True, p.device), _code_map_cpu(False, True).to(p.device),
-        state["exp_avg_absmax"], state["exp_avg_sq_absmax"], weight_decay=group["weight_decay"],
+        "adam", grad, p, m.codes, v.codes, beta1, beta2, 0.0, 0.0, group["eps"], step, group["lr"],
+        code_map(True, p.device), _code_map_cpu(False, True).to(p.device), m.absmax, v.absmax,
+        weight_decay=group["weight_decay"],
     )
 
 

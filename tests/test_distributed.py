@@ -90,6 +90,7 @@ def _dtensor_body(rank, world, tmpdir):
         coap8bit.AdamW8bit([p])
 
 
+@pytest.mark.slow
 def test_dtensor_layouts_other_than_fsdp2_rejected_clearly(tmp_path):
     # Dim-0 sharding (FSDP2) is supported; column sharding would need other collectives: a clear error.
     _spawn(_dtensor_body, tmp_path, world=1)
@@ -208,6 +209,7 @@ def _ddp_body(rank, world, tmpdir, opt_names):
 DDP_TOL = {"AdamW": 1e-5, "AdamW8bit": 0.2 * OPT_KW["lr"]}
 
 
+@pytest.mark.slow
 def test_ddp_ranks_bitwise_equal_and_match_single_process(tmp_path):
     torch.set_num_threads(1)
     _spawn(_ddp_body, tmp_path, tuple(DDP_TOL))
@@ -267,6 +269,7 @@ def _zero_run(rank, world, tmpdir, seed_keys):
     torch.save([p.detach() for p in model2.parameters()], os.path.join(tmpdir, f"zero_resumed_{seed_keys}{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_zero_redundancy_optimizer_trains_and_resumes(tmp_path):
     torch.set_num_threads(1)
     _spawn(_zero_body, tmp_path, (True, False))
@@ -408,6 +411,7 @@ def _fs_single(opt_name):
 FSDP_TOL = {"AdamW": 1e-4, "AdamW8bit": 2 * FS_KW["lr"]}
 
 
+@pytest.mark.slow
 def test_fsdp2_matches_single_process_and_dcp_resumes_and_reshards(tmp_path):
     torch.set_num_threads(1)
     _spawn(_fsdp_body, tmp_path)

@@ -270,6 +270,7 @@ def test_dispatch_selection():
         dispatch.use_triton("triton", "meta")
 
 
+@pytest.mark.slow
 def test_triton_on_cpu_without_interpreter_raises():
     """In a fresh process without TRITON_INTERPRET: backend='triton' on CPU tensors fails with a message
     saying how to enable it, and setting the variable after the kernels were imported is caught too."""

@@ -192,6 +192,7 @@ def test_kernel_numerics_counters_match_twin(shape, block_size):
 
 
 # ------------------------------------------------------------------------------ a whole demo run, bounded
+@pytest.mark.slow
 def test_demo_run_every_update_within_the_bound(monkeypatch):
     """The demo's model and settings (rank_ratio 2, lr 3e-3), its first 80 steps (0.1.0's catastrophic
     updates came at steps 2-3; benchmarks/seed_robustness.py checks whole 300-step runs over seeds and

@@ -2,6 +2,9 @@
 import io
 import warnings
 
+import copy
+import pickle
+
 import pytest
 from hypothesis import given, settings, strategies as st
 import torch
@@ -249,15 +252,11 @@ def test_parameters_without_grad_are_skipped():
 
 
 # ------------------------------------------------------------------------------------------ shapes, dtypes, groups
-@pytest.mark.parametrize("shape", [(1, 8000), (8000, 1), (2, 5000), (5000, 3), (70, 70), (4097, 2)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rank", [None, 1, 10_000])
-def test_odd_shapes_dtypes_and_ranks_train(shape, dtype, rank):
-    """Minimise ‖W − T‖² from W = 0: loss must drop and stay finite for every shape/dtype/rank
-    (rank >= min dimension falls back to unprojected Adam)."""
+def _fit_target(opt_cls, shape, dtype, rank) -> tuple[float, float, torch.Tensor]:
+    """12 steps minimising ‖W − T‖² from W = 0: (first loss, final loss, W)."""
     target = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     w = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
-    opt = coap8bit.AdamW8bit([w], lr=0.05, rank=rank, update_interval=3, reproject_factor=2, weight_decay=0.0)
+    opt = opt_cls([w], lr=0.05, rank=rank, update_interval=3, reproject_factor=2, weight_decay=0.0)
     first = None
     for _ in range(12):
         loss = ((w.float() - target.float()) ** 2).mean()
@@ -265,9 +264,22 @@ def test_odd_shapes_dtypes_and_ranks_train(shape, dtype, rank):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    final = ((w.float() - target.float()) ** 2).mean().item()
+    return first, ((w.float() - target.float()) ** 2).mean().item(), w.detach()
+
+
+@pytest.mark.parametrize("shape", [(1, 8000), (8000, 1), (2, 5000), (5000, 3), (70, 70), (4097, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rank", [None, 1, 10_000])
+def test_odd_shapes_dtypes_and_ranks_train(shape, dtype, rank):
+    """Every shape/dtype/rank (rank >= min dimension falls back to unprojected Adam): the 8-bit optimizer
+    with weights in ``dtype`` achieves the loss decrease of the same algorithm in fp32 (state and weights)
+    within 3%. Measured worst over this grid: 0.8% (8-bit moments are ~1% off per element, and their
+    errors average out over the elements of the loss)."""
+    first, final, w = _fit_target(coap8bit.AdamW8bit, shape, dtype, rank)
+    _, ref_final, _ = _fit_target(coap8bit.AdamW, shape, torch.float32, rank)
     assert w.dtype == dtype and torch.isfinite(w).all()
-    assert final < first
+    assert ref_final < first
+    assert abs(final - ref_final) <= 0.03 * (first - ref_final)
 
 
 def test_group_overrides_and_galore_aliases():
@@ -322,6 +334,7 @@ def test_rotate_moments_expresses_moment_in_new_basis():
 
 
 # ------------------------------------------------------------------------------------------ training
+@pytest.mark.slow
 def test_short_training_run_reaches_stated_loss():
     """TinyLlama (dim 64, 2 layers) on the bundled docs corpus, 120 steps of AdamW8bit with every
     matrix projected at rank_ratio 4: validation loss must drop from ln(256) = 5.55 to below 2.6 nats
@@ -399,3 +412,68 @@ def test_gpu_bf16_training_triton_backend_tracks_torch_backend(in_backward):
             handle.detach()
     assert all(f < 5.55 - 1.0 for f in finals)
     assert abs(finals[0] - finals[1]) <= 0.03 * finals[1]
+
+
+# ------------------------------------------------------------------------------------------ copies, settings
+def _copy_by(how: str, opt, tmp_path):
+    if how == "deepcopy":
+        return copy.deepcopy(opt)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(opt))
+    torch.save(opt, tmp_path / "opt.pt")
+    return torch.load(tmp_path / "opt.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("cls", [coap8bit.AdamW8bit, coap8bit.AdamW])
+def test_copied_optimizer_continues_bit_identically(cls, how, tmp_path):
+    """A copy taken mid-run (deepcopy, pickle, torch.save of the optimizer object) steps its own copy of
+    the parameters exactly as the original steps the original, across a projector SGD step and a
+    re-projection (update_interval 2, reproject_factor 2); the seed travels with it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.Linear(96, 40))
+    opt = cls(model.parameters(), lr=1e-2, rank=6, min_proj_size=1, min_8bit_size=1, update_interval=2,
+              reproject_factor=2, seed=1234, track_quant_error=2)
+    grads = [[torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * t + i))
+              for i, p in enumerate(model.parameters())] for t in range(7)]
+
+    def run(o, params, steps):
+        for gs in steps:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            o.step()
+
+    run(opt, list(model.parameters()), grads[:3])
+    clone = _copy_by(how, opt, tmp_path)
+    clone_params = [p for g in clone.param_groups for p in g["params"]]
+    assert all(a is not b for a, b in zip(clone_params, model.parameters()))
+    assert clone.param_groups[0]["seed"] == 1234 and clone.quant_error_tracker is not None
+    run(opt, list(model.parameters()), grads[3:])
+    run(clone, clone_params, grads[3:])
+    for a, b in zip(model.parameters(), clone_params):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["param_groups"][0]["seed"] == 1234
+
+
+def test_seed_and_backend_are_group_settings_restored_from_the_checkpoint():
+    """seed and backend live in param groups (per-group overrides allowed) and are saved; a checkpoint
+    written before they existed gets the constructor's values."""
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    opt = coap8bit.AdamW8bit([{"params": [w], "seed": 7}], seed=3, backend="torch", min_proj_size=1)
+    assert opt.param_groups[0]["seed"] == 7 and opt.param_groups[0]["backend"] == "torch"
+    w.grad = torch.randn(64, 32)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["seed"] == 7
+    other = coap8bit.AdamW8bit([w], seed=5, min_proj_size=1)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["seed"] == 7
+    for key in ("seed", "backend"):
+        del sd["param_groups"][0][key]  # as saved by 0.1.0
+    other = coap8bit.AdamW8bit([w], seed=5, min_proj_size=1)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["seed"] == 5 and other.param_groups[0]["backend"] == "auto"
+    with pytest.raises(ValueError, match="seed"):
+        coap8bit.AdamW8bit([w], seed=2**63)
+    with pytest.raises(ValueError, match="backend"):
+        coap8bit.AdamW8bit([{"params": [w], "backend": "cuda"}])

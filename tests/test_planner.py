@@ -30,6 +30,7 @@ def test_prediction_equals_real_allocation_to_the_byte(kwargs):
     assert state_bytes(opt) == coap_state_bytes([p for _, p in build_meta_params(TINY)], **kwargs)
 
 
+@pytest.mark.slow
 def test_shapes_match_transformers_llama(tmp_path):
     # transformers probes for the Hugging Face `kernels` package by import; from the repo root that finds
     # our guarded kernels/ folder and fails. A child process started elsewhere sees the installed packages.
