@@ -2,16 +2,19 @@
 argument and what is allowed, before anything is stored."""
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from .dispatch import BACKENDS
 from .projection import PROJ_TYPES
 
 __all__ = ["PROJ_OBJECTIVES", "PROJ_ROUNDINGS", "GROUP_KEY_ALIASES", "check_bnb_arguments", "normalize_aliases",
-           "validate_group"]
+           "validate_group", "check_lr", "InvalidTypeError"]
 
 PROJ_OBJECTIVES = ("relative", "reference")
 PROJ_ROUNDINGS = ("stochastic", "nearest")
@@ -46,6 +49,11 @@ def normalize_aliases(param_group: dict) -> None:
             param_group[key] = param_group.pop(alias)
 
 
+class InvalidTypeError(TypeError, ValueError):
+    """A setting of the wrong type (a string, a bool for a number, ...): a TypeError that ``except
+    ValueError`` also catches, as code written against torch.optim's value checks expects."""
+
+
 def _check(cond: bool, name: str, allowed: str, value) -> None:
     if not cond:
         raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
@@ -55,44 +63,78 @@ def _is_power_of_two(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _plain(value, name: str, kind: str, allowed: str):
+    """``value`` as a Python float / int / bool: numpy scalars (what sweeps produce) are converted; a string
+    (YAML reads ``1e-8`` as one), a bool where a number is meant, or any other type is a TypeError naming the
+    argument."""
+    is_bool = isinstance(value, (bool, np.bool_))
+    if kind == "bool":
+        if is_bool:
+            return bool(value)
+    elif kind == "int" and isinstance(value, numbers.Integral) and not is_bool:
+        return int(value)
+    elif kind == "real" and isinstance(value, numbers.Real) and not is_bool:
+        return float(value) if not isinstance(value, int) else value
+    hint = " (a config file may have read it as a string: convert it first)" if isinstance(value, str) else ""
+    raise InvalidTypeError(f"Invalid {name}: {value!r} of type {type(value).__name__} (allowed: {allowed}){hint}")
+
+
+def _finite(x) -> bool:
+    return math.isfinite(x)
+
+
+# key -> (kind, condition, allowed): every numeric / flag setting of a param group.
+_SETTINGS = {
+    "eps": ("real", lambda x: 0.0 <= x and _finite(x), "a finite number >= 0"),
+    "weight_decay": ("real", lambda x: 0.0 <= x and _finite(x), "a finite number >= 0"),
+    "optim_bits": ("int", lambda x: x in (8, 32), "8 or 32"),
+    "min_8bit_size": ("int", lambda x: x >= 0, "int >= 0"),
+    "rank_ratio": ("real", lambda x: 1 <= x and _finite(x), "a finite number >= 1"),
+    "update_interval": ("int", lambda x: x >= 1, "int >= 1"),
+    "reproject_factor": ("int", lambda x: x >= 1, "int >= 1"),
+    "scale": ("real", lambda x: 0 < x and _finite(x), "a finite number > 0"),
+    "min_proj_size": ("int", lambda x: x >= 1, "int >= 1"),
+    "block_size": ("int", lambda x: _is_power_of_two(x) and 32 <= x <= 4096, "a power of two in [32, 4096]"),
+    "proj_lr": ("real", lambda x: 0 < x and _finite(x), "a finite number > 0"),
+    "proj_max_grad_norm": ("real", lambda x: 0 < x and _finite(x), "a finite number > 0"),
+    "power_iters": ("int", lambda x: 0 <= x <= 8, "int in [0, 8]"),
+    "seed": ("int", lambda x: 0 <= x <= _MAX_SEED, "an int in [0, 2**63 - 1]"),
+    "projection": ("bool", lambda x: True, "True or False"),
+    "rotate_moments": ("bool", lambda x: True, "True or False"),
+    "bf16_stochastic_rounding": ("bool", lambda x: True, "True or False"),
+}
+_CHOICES = {"proj_type": PROJ_TYPES, "proj_objective": PROJ_OBJECTIVES, "proj_rounding": PROJ_ROUNDINGS,
+            "backend": BACKENDS}
+
+
+def _setting(g: dict, key: str, kind: str, cond, allowed: str, name: str | None = None):
+    value = _plain(g[key], name or key, kind, allowed)
+    _check(cond(value), name or key, allowed, g[key])
+    return value
+
+
+def check_lr(lr, where: str = "lr"):
+    """A learning rate as torch.optim allows it (a number or a one-element tensor, e.g. set by a scheduler),
+    finite and >= 0; returned as given (numpy scalars as Python floats)."""
+    if torch.is_tensor(lr):
+        _check(lr.numel() == 1, where, "a number or a one-element tensor", lr)
+        _check(_finite(float(lr)) and float(lr) >= 0.0, where, "a finite number >= 0", lr)
+        return lr
+    lr = _plain(lr, where, "real", "a finite number >= 0")
+    _check(_finite(lr) and lr >= 0.0, where, "a finite number >= 0", lr)
+    return lr
 
 
 def validate_group(g: dict) -> None:
-    _check(isinstance(g["lr"], (float, int, torch.Tensor)) and float(g["lr"]) >= 0.0, "lr", ">= 0", g["lr"])
-    _check(0.0 <= g["eps"], "eps", ">= 0", g["eps"])
+    """Check every setting of a param group, converting numpy scalars to Python numbers in place."""
+    g["lr"] = check_lr(g["lr"])
     betas = g["betas"]
     _check(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", "a pair (beta1, beta2)", betas)
-    _check(0.0 <= betas[0] < 1.0, "betas[0]", "0 <= beta1 < 1", betas[0])
-    _check(0.0 <= betas[1] < 1.0, "betas[1]", "0 <= beta2 < 1", betas[1])
-    _check(0.0 <= g["weight_decay"], "weight_decay", ">= 0", g["weight_decay"])
-    _check(g["optim_bits"] in (8, 32), "optim_bits", "8 or 32", g["optim_bits"])
-    _check(isinstance(g["min_8bit_size"], int) and g["min_8bit_size"] >= 0, "min_8bit_size", "int >= 0",
-           g["min_8bit_size"])
-    _check(g["rank"] is None or (isinstance(g["rank"], int) and g["rank"] >= 1), "rank", "None or int >= 1",
-           g["rank"])
-    _check(isinstance(g["rank_ratio"], (int, float)) and g["rank_ratio"] >= 1, "rank_ratio", ">= 1",
-           g["rank_ratio"])
-    _check(isinstance(g["update_interval"], int) and g["update_interval"] >= 1, "update_interval", "int >= 1",
-           g["update_interval"])
-    _check(isinstance(g["reproject_factor"], int) and g["reproject_factor"] >= 1, "reproject_factor",
-           "int >= 1", g["reproject_factor"])
-    _check(isinstance(g["scale"], (int, float)) and g["scale"] > 0, "scale", "> 0", g["scale"])
-    _check(g["proj_type"] in PROJ_TYPES, "proj_type", " / ".join(PROJ_TYPES), g["proj_type"])
-    _check(isinstance(g["min_proj_size"], int) and g["min_proj_size"] >= 1, "min_proj_size", "int >= 1",
-           g["min_proj_size"])
-    _check(isinstance(g["block_size"], int) and _is_power_of_two(g["block_size"]) and 32 <= g["block_size"] <= 4096,
-           "block_size", "a power of two in [32, 4096]", g["block_size"])
-    _check(g["proj_objective"] in PROJ_OBJECTIVES, "proj_objective", " / ".join(PROJ_OBJECTIVES),
-           g["proj_objective"])
-    _check(g["proj_lr"] > 0, "proj_lr", "> 0", g["proj_lr"])
-    _check(g["proj_max_grad_norm"] > 0, "proj_max_grad_norm", "> 0", g["proj_max_grad_norm"])
-    _check(isinstance(g["power_iters"], int) and 0 <= g["power_iters"] <= 8, "power_iters", "int in [0, 8]",
-           g["power_iters"])
-    _check(g["proj_rounding"] in PROJ_ROUNDINGS, "proj_rounding", " / ".join(PROJ_ROUNDINGS),
-           g["proj_rounding"])
-    for name in ("projection", "rotate_moments", "bf16_stochastic_rounding"):
-        _check(isinstance(g[name], bool), name, "True or False", g[name])
-    _check(_is_int(g["seed"]) and 0 <= g["seed"] <= _MAX_SEED, "seed", f"an int in [0, 2**63 - 1]", g["seed"])
-    _check(g["backend"] in BACKENDS, "backend", " / ".join(BACKENDS), g["backend"])
+    g["betas"] = tuple(_setting({"b": b}, "b", "real", lambda x: 0.0 <= x < 1.0, "0 <= beta < 1", f"betas[{i}]")
+                       for i, b in enumerate(betas))
+    for key, (kind, cond, allowed) in _SETTINGS.items():
+        g[key] = _setting(g, key, kind, cond, allowed)
+    if g["rank"] is not None:
+        g["rank"] = _setting(g, "rank", "int", lambda x: x >= 1, "None or int >= 1")
+    for key, choices in _CHOICES.items():
+        _check(isinstance(g[key], str) and g[key] in choices, key, " / ".join(choices), g[key])
