@@ -2,5 +2,5 @@
 from .optimizer import AdamW, AdamW8bit, COAPAdamW
 from .inbackward import InBackward, attach
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 __all__ = ["AdamW8bit", "AdamW", "COAPAdamW", "InBackward", "attach", "__version__"]

@@ -442,10 +442,12 @@ class QuantErrorTracker(StepObserver):
         """{param label: {tensor: {mean, max, count}, "drift": [...]}}; labels from ``names`` (as in
         :func:`memory_report`) when given, else the parameter index."""
         label: dict[int, str] = {}
-        if optimizer is not None:
+        if optimizer is not None:  # the labels numerics_report and memory_report use
             named = _param_names(optimizer, names)
-            for p, k in getattr(optimizer, "_param_keys", {}).items():
-                label[k] = named.get(p, str(k))
+            for gi, group in enumerate(optimizer.param_groups):
+                for pi, p in enumerate(group["params"]):
+                    if "seed_key" in optimizer.state.get(p, {}):
+                        label[optimizer.state[p]["seed_key"]] = named.get(p, f"group{gi}.{pi}")
         out = {}
         for key in sorted(set(self.stats) | set(self.drift)):
             entry = {n: r.as_dict() for n, r in self.stats.get(key, {}).items()}

@@ -21,11 +21,44 @@ from .dispatch import backend_for
 from .qstate import moments
 from .quant import second_moment_from_v1, second_moment_stored
 
-__all__ = ["restore_saved_tensors", "upgrade_state", "validate_param_state", "export_sharded_state",
+__all__ = ["check_is_coap_state_dict", "restore_saved_tensors", "validate_state_values", "upgrade_state", "validate_param_state", "export_sharded_state",
            "import_sharded_state"]
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, stored on the signed map)
 _TORCH = backend_for("torch", "cpu")  # checkpoint conversions run once, on whichever device: the torch path
+
+
+def check_is_coap_state_dict(state_dict: dict) -> None:
+    """Refuse, by name, a state dict that is not a coap8bit optimizer's (torch.optim.AdamW's, bitsandbytes'):
+    its moments are full-size and cannot be turned into low-rank ones."""
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError("load_state_dict expects an optimizer state dict with 'state' and 'param_groups' keys, got "
+                         f"{type(state_dict).__name__} with keys {sorted(state_dict)[:5] if isinstance(state_dict, dict) else '-'}")
+    for index, saved in state_dict["state"].items():
+        if not isinstance(saved, dict) or "seed_key" not in saved:
+            keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            bnb_keys = {"state1", "__bnb_optimizer_quant_state__"}
+            origin = ("bitsandbytes" if isinstance(saved, dict) and bnb_keys & set(saved) else
+                      "torch.optim" if isinstance(saved, dict) and "exp_avg" in saved else "another optimizer")
+            raise ValueError(f"state dict is not from a coap8bit optimizer (parameter {index} has state keys {keys}: "
+                             f"it looks like {origin}'s). Its full-size moments cannot become COAP's low-rank ones; "
+                             "start coap8bit from a fresh state (load only the model weights)")
+
+
+def validate_state_values(p: torch.Tensor, state: dict) -> None:
+    """Raise ValueError on loaded values that would corrupt training later: non-finite or negative scales,
+    non-finite fp32 moments or projectors, a negative second moment, non-finite counters."""
+    for key, t in state.items():
+        if not torch.is_tensor(t) or t.dtype == torch.uint8 or not t.numel():
+            continue
+        bad = None
+        if not bool(torch.isfinite(t).all()):
+            bad = "non-finite values"
+        elif (key.endswith("_absmax") or key in ("exp_avg_sq", "numerics")) and bool((t < 0).any()):
+            bad = "negative values"
+        if bad is not None:
+            raise ValueError(f"loaded state {key!r} for the parameter of shape {tuple(p.shape)} has {bad}: the "
+                             "checkpoint is corrupt (nothing was loaded)")
 
 
 def restore_saved_tensors(optimizer, state_dict: dict) -> None:
@@ -73,17 +106,17 @@ def validate_param_state(p: torch.Tensor, state: dict, kind: Kind, group: dict) 
     where = f"parameter of shape {tuple(p.shape)} ({kind}, {state_bits(kind, group)}-bit)"
     tensor_keys = {k for k, v in state.items() if torch.is_tensor(v)}
     if tensor_keys != set(expected):
-        raise ValueError(f"loaded optimizer state does not fit {where}: expected keys {sorted(expected)}, got "
+        raise ValueError(f"optimizer state does not fit {where}: expected keys {sorted(expected)}, got "
                          f"{sorted(tensor_keys)} (a state dict from another model, optimizer or settings?)")
     for key, (shape, dtype, _) in expected.items():
         t = state[key]
         if t.dtype != dtype:
-            raise ValueError(f"loaded state {key!r} for {where} has dtype {t.dtype}, expected {dtype}")
+            raise ValueError(f"state {key!r} for {where} has dtype {t.dtype}, expected {dtype}")
         if tuple(t.shape) != shape:
-            raise ValueError(f"loaded state {key!r} for {where} has shape {tuple(t.shape)}, expected {shape}")
+            raise ValueError(f"state {key!r} for {where} has shape {tuple(t.shape)}, expected {shape}")
     for key in SCALAR_STATE:
         if not isinstance(state.get(key), int) or state[key] < 0:
-            raise ValueError(f"loaded state {key!r} for {where} must be a non-negative int, got "
+            raise ValueError(f"state {key!r} for {where} must be a non-negative int, got "
                              f"{state.get(key)!r}")
 
 

@@ -164,8 +164,8 @@ def apply_matrix_update_(
     generator stream across the blocks) or round-to-nearest."""
     decay = 1.0 - lr * weight_decay
     alpha = -lr * scale
-    if W.dtype == torch.float32:
-        W.addmm_(N, P.to(torch.float32), beta=decay, alpha=alpha)
+    if W.dtype in (torch.float32, torch.float64):  # in the weight's own precision: fp64 keeps its digits
+        W.addmm_(N.to(W.dtype), P.to(W.dtype), beta=decay, alpha=alpha)
         return
     P_w = P.to(W.dtype)
     gen = _sr_generator(W, sr_seed)
@@ -187,11 +187,17 @@ def apply_dense_update_(
     weight_decay: float,
     sr_seed: int | None,
 ) -> None:
-    """W <- (1 - lr·wd) W - lr · N for an unprojected tensor (N fp32, shaped like W); non-fp32 weights
-    are updated in bounded fp32 chunks with stochastic rounding (bf16) or round-to-nearest."""
+    """W <- (1 - lr·wd) W - lr · N for an unprojected tensor (N fp32, shaped like W); fp32/fp64 weights in
+    their own precision, others in bounded fp32 chunks with stochastic rounding (bf16) or round-to-nearest.
+    A non-contiguous W (channels_last, a strided view) is updated through a contiguous copy of it."""
     decay = 1.0 - lr * weight_decay
-    if W.dtype == torch.float32:
-        W.mul_(decay).add_(N, alpha=-lr)
+    if W.dtype in (torch.float32, torch.float64):
+        W.mul_(decay).add_(N.to(W.dtype), alpha=-lr)
+        return
+    if not W.is_contiguous():
+        work = W.contiguous()
+        apply_dense_update_(work, N, lr=lr, weight_decay=weight_decay, sr_seed=sr_seed)
+        W.copy_(work)
         return
     gen = _sr_generator(W, sr_seed)
     flat_w, flat_n = W.view(-1), N.reshape(-1)

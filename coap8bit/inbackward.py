@@ -72,18 +72,30 @@ class InBackward:
         self.max_grad_norm = max_grad_norm
         self._slots: dict[torch.Tensor, _Accumulation] = {}
         self._hooks = []
-        for index, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                if p.requires_grad and p not in self._slots:
-                    self._slots[p] = _Accumulation(group_index=index)
+        self._adopt_new()
         if model is not None:
             missing = [n for n, p in model.named_parameters() if p.requires_grad and p not in self._slots]
             if missing:
                 warnings.warn(f"coap8bit attach: {len(missing)} trainable parameters of the model are not in the "
                               f"optimizer (e.g. {missing[0]!r}); their gradients accumulate and are never stepped",
                               stacklevel=3)
-        for p in self._slots:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+
+    def _adopt_new(self) -> list[torch.Tensor]:
+        """Hook every trainable parameter of the optimizer that is not hooked yet (at attach; later: unfrozen
+        since, or in a param group added since). Returns those newly hooked."""
+        new = []
+        for index, group in enumerate(self.optimizer.param_groups):
+            for p in group["params"]:
+                if p.requires_grad and p not in self._slots:
+                    self._slots[p] = _Accumulation(group_index=index)
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+                    new.append(p)
+        return new
+
+    def adopt(self, params) -> None:
+        """Hook parameters added to the optimizer while attached (``add_param_group``)."""
+        del params  # every new trainable parameter is found in the param groups
+        self._adopt_new()
 
     # ------------------------------------------------------------------ public
     @property
@@ -97,7 +109,18 @@ class InBackward:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Step every parameter whose accumulation cycle has started, with what it has accumulated."""
+        """Step every parameter whose accumulation cycle has started, with what it has accumulated. A
+        parameter unfrozen after attach() is hooked here; the gradient autograd accumulated for it until now
+        is stepped as one ordinary step (it would otherwise grow forever: zero_grad() is a no-op while
+        attached)."""
+        late = [p for p in self._adopt_new() if p.grad is not None]
+        if late:
+            warnings.warn(f"coap8bit attach: {len(late)} parameter(s) became trainable after attach() (e.g. shape "
+                          f"{tuple(late[0].shape)}); they are attached now, and their gradient so far was stepped "
+                          "at this optimizer.step()", stacklevel=3)
+        for p in late:
+            self.optimizer.step_param(p, p.grad, self._group(self._slots[p]))
+            p.grad = None
         for p, slot in self._slots.items():
             if slot.micro_batches > 0:
                 self._finish(p, slot)
@@ -199,6 +222,9 @@ def attach(optimizer, model: torch.nn.Module | None = None, *, accumulation_step
         max_grad_norm: None (no clipping) or > 0: per-parameter clipping (global-norm clipping is
             impossible in-backward).
     """
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__} (the optimizer already "
+                        "knows its parameters: pass the module, e.g. attach(model), or nothing)")
     if not callable(getattr(optimizer, "param_step", None)):  # duck-typed: no import of the optimizer module
         raise TypeError(f"optimizer must be a coap8bit COAPAdamW (AdamW8bit / AdamW), got {type(optimizer).__name__}")
     if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:

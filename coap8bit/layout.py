@@ -21,7 +21,7 @@ from . import projection as proj
 from .distributed import local
 from .format import NUMERICS_SIZE, QUANT_ZERO_SIGNED, num_blocks
 
-__all__ = ["Kind", "TUCKER_MIN_NUMEL", "DENSE_BLOCK", "SCALAR_STATE", "MOMENT_RANK_DIM", "param_kind",
+__all__ = ["LAYOUT_SETTINGS", "Kind", "TUCKER_MIN_NUMEL", "DENSE_BLOCK", "SCALAR_STATE", "MOMENT_RANK_DIM", "param_kind",
            "matrix_rank", "matrix_layout", "tucker_ranks", "state_bits", "moment_block", "state_spec",
            "quantized_names"]
 
@@ -46,6 +46,9 @@ TUCKER_MIN_NUMEL = 9216  # the COAP reference leaves conv weights of at most thi
 # Block of unprojected tensors' 8-bit state: 256, bitsandbytes' (its fused kernel, kept as an ablation, is fixed
 # at 256).
 DENSE_BLOCK = 256
+# The group settings that decide a parameter's state layout (with its kind): fixed after its first step.
+LAYOUT_SETTINGS = ("projection", "optim_bits", "rank", "rank_ratio", "proj_type", "min_proj_size", "min_8bit_size",
+                   "block_size")
 # Python ints of every parameter's state, next to its tensors.
 SCALAR_STATE = ("step", "seed_key", "skipped", "format")
 # Which dimension of the moments each projector's rank indexes: a matrix's moments are a×r; a Tucker core is

@@ -18,8 +18,8 @@ from . import distributed as dist_
 from . import step as S
 from .dispatch import backend_for
 from .format import FORMAT_VERSION
-from .layout import Kind, param_kind, state_spec
-from .validation import check_bnb_arguments, normalize_aliases, validate_group
+from .layout import LAYOUT_SETTINGS, Kind, param_kind, state_spec
+from .validation import check_bnb_arguments, check_params, normalize_aliases, validate_group
 
 __all__ = ["AdamW8bit", "AdamW", "COAPAdamW"]
 
@@ -104,6 +104,7 @@ class COAPAdamW(Optimizer):
         self._param_keys: dict[torch.Tensor, int] = {}
         self._shards: dict[torch.Tensor, dist_.ParamShard] = {}  # FSDP2 (DTensor) parameters only
         self._comms: dict = {}  # one RowShardComm per process group
+        self._layouts: dict[torch.Tensor, tuple] = {}  # the settings each parameter's state was checked against
 
     def _register_params(self, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -128,14 +129,22 @@ class COAPAdamW(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's, plus validation; a group that fails it is not added."""
         normalize_aliases(param_group)
+        params = param_group["params"]
+        param_group["params"] = [params] if torch.is_tensor(params) else list(params)  # a generator: read once
+        check_params(param_group["params"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        validate_group(group)
-        dist_.reject_deepspeed_partitions(group["params"])
-        if any(p.is_sparse for p in group["params"]):
-            raise ValueError("sparse parameters are not supported")
+        try:
+            validate_group(group)
+            dist_.reject_deepspeed_partitions(group["params"])
+        except BaseException:
+            self.param_groups.pop()
+            raise
         self._register_params(group["params"])
+        if self._in_backward is not None:
+            self._in_backward.adopt(group["params"])
 
     def param_kind(self, p: torch.Tensor, group: dict) -> Kind:
         """Which update rule a parameter gets (a pure function of its shape and the group settings)."""
@@ -152,18 +161,38 @@ class COAPAdamW(Optimizer):
             # Attached params were stepped by their gradient hooks and hold no gradient; this only completes
             # an accumulation cycle that ended early (e.g. HF Trainer's last, shorter cycle of an epoch).
             self._in_backward.flush()
-        todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        for p, _ in todo:  # every gradient checked before any parameter steps: no half-applied step
+        # Every gradient, learning rate and state layout checked (and state allocated) before any parameter
+        # steps: an error leaves no step half-applied.
+        todo = []
+        for index, group in enumerate(self.param_groups):
+            try:  # schedulers and users write group settings freely between steps
+                validate_group(group)
+            except ValueError as e:
+                raise type(e)(f"param_groups[{index}]: {e}") from None
+            todo += [(p, group) for p in group["params"] if p.grad is not None]
+        for p, _ in todo:
             S.check_grad(p, p.grad)
-        for p, group in todo:
-            self.step_param(p, p.grad, group)
+        todo = [(self.param_step(p, group), p.grad) for p, group in todo]
+        for ctx, grad in todo:
+            self._take_step(ctx, grad)
         return loss
 
     def param_step(self, p: torch.Tensor, group: dict) -> S.ParamStep:
-        """The step context of ``p`` (its state allocated at the first call): what ``step`` functions take."""
+        """The step context of ``p`` (its state allocated at the first call): what ``step`` functions take.
+        Raises ValueError, naming the parameter, when its state no longer fits its group's settings."""
         kind, state = param_kind(p, group), self.state[p]
+        layout = (kind, *(group[k] for k in LAYOUT_SETTINGS), len(state))
         if not state:
             self._init_state(p, kind, group, state)
+            layout = (*layout[:-1], len(state))
+        elif self._layouts.get(p) != layout:  # settings changed (or state edited / loaded) since last checked
+            try:
+                ckpt.validate_param_state(p, state, kind, group)
+            except ValueError as e:
+                raise ValueError(f"the optimizer state of the parameter of shape {tuple(p.shape)} no longer fits its "
+                                 f"param group ({e}). Settings that shape the state ({', '.join(LAYOUT_SETTINGS)}) "
+                                 "cannot change after its first step; clear optimizer.state[p] to restart it") from None
+        self._layouts[p] = layout
         return S.ParamStep(p, group, state, kind, backend_for(group["backend"], p.device), self._shards.get(p),
                            self.quant_error_tracker)
 
@@ -173,7 +202,9 @@ class COAPAdamW(Optimizer):
         gradient, or what the step would compute from it, is not finite; or QR/SVD failed): then the
         parameter and its state are bit-identical to before, and the skip is counted."""
         S.check_grad(p, grad)
-        ctx = self.param_step(p, group)
+        return self._take_step(self.param_step(p, group), grad)
+
+    def _take_step(self, ctx: S.ParamStep, grad: torch.Tensor) -> bool:
         try:
             S.take_step(ctx, grad)
         except (S.SkipStep, torch.linalg.LinAlgError) as e:
@@ -259,8 +290,9 @@ class COAPAdamW(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's loader, then the saved tensors put back with their own dtypes (torch.optim would
-        cast fp32 scales to a bf16 parameter's dtype) and each parameter's state validated against its
-        layout; 0.1.0 state is upgraded."""
+        cast fp32 scales to a bf16 parameter's dtype), each parameter's state validated against its layout
+        and values, 0.1.0 state upgraded. All or nothing: on any error the optimizer is left as it was."""
+        ckpt.check_is_coap_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             # Group settings are restored from the checkpoint (torch.optim semantics), but the state width
             # is what distinguishes AdamW8bit from AdamW: refuse to turn one into the other silently.
@@ -269,20 +301,47 @@ class COAPAdamW(Optimizer):
                     f"state dict was saved with optim_bits={saved_group.get('optim_bits')} but this optimizer "
                     f"uses optim_bits={group['optim_bits']} (AdamW8bit and AdamW state are not interchangeable; "
                     "keys differ)")
-        super().load_state_dict(state_dict)
-        ckpt.restore_saved_tensors(self, state_dict)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)  # a checkpoint from before a setting existed (seed, backend)
-            validate_group(group)
-            for p in group["params"]:
-                state, kind = self.state.get(p), param_kind(p, group)
-                if not state:
-                    continue
-                if p in self._shards:
-                    ckpt.import_sharded_state(p, state, kind, group)
-                ckpt.upgrade_state(state, kind, group)
-                ckpt.validate_param_state(p, state, kind, group)
+        before = self.__dict__.copy()
+        try:
+            super().load_state_dict(state_dict)
+            ckpt.restore_saved_tensors(self, state_dict)
+            for group in self.param_groups:
+                self._load_group(group)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+        _warn_replaced_settings(before["param_groups"], self.param_groups)
+        self._layouts.clear()
+
+    def _load_group(self, group: dict) -> None:
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)  # a checkpoint from before a setting existed (seed, backend)
+        validate_group(group)
+        for p in group["params"]:
+            state, kind = self.state.get(p), param_kind(p, group)
+            if not state:
+                continue
+            if p in self._shards:
+                ckpt.import_sharded_state(p, state, kind, group)
+            ckpt.upgrade_state(state, kind, group)
+            ckpt.validate_param_state(p, state, kind, group)
+            ckpt.validate_state_values(p, state)
+
+
+# Settings a checkpoint legitimately changes (schedulers move lr) or that do not change results.
+_UNREPORTED_SETTINGS = ("params", "lr", "initial_lr", "backend")
+
+
+def _warn_replaced_settings(old_groups: list[dict], new_groups: list[dict]) -> None:
+    """torch.optim semantics: a loaded state dict's group settings replace the optimizer's. Say so when they
+    differ (e.g. HF Trainer resuming with other --optim_args): the run continues with the saved ones."""
+    changed = sorted({f"{k}: {old[k]!r} -> {new[k]!r}" for old, new in zip(old_groups, new_groups)
+                      for k in old.keys() & new.keys() if k not in _UNREPORTED_SETTINGS and old[k] != new[k]})
+    if changed:
+        warnings.warn("load_state_dict: the checkpoint's param group settings replace this optimizer's ("
+                      + "; ".join(changed[:6]) + (" ..." if len(changed) > 6 else "") + "); to train with the new "
+                      "settings, start from a fresh optimizer state", stacklevel=3)
 
 
 class AdamW8bit(COAPAdamW):

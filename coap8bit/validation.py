@@ -14,7 +14,7 @@ from .dispatch import BACKENDS
 from .projection import PROJ_TYPES
 
 __all__ = ["PROJ_OBJECTIVES", "PROJ_ROUNDINGS", "GROUP_KEY_ALIASES", "check_bnb_arguments", "normalize_aliases",
-           "validate_group", "check_lr", "InvalidTypeError"]
+           "validate_group", "check_lr", "check_params", "InvalidTypeError"]
 
 PROJ_OBJECTIVES = ("relative", "reference")
 PROJ_ROUNDINGS = ("stochastic", "nearest")
@@ -39,6 +39,20 @@ def check_bnb_arguments(*, amsgrad: bool, args: Any, percentile_clipping: int, b
         raise ValueError("block_wise=False is not supported: 8-bit state is always blockwise")
     if is_paged:
         warnings.warn("is_paged=True is ignored: coap8bit's state is small and lives on the device", stacklevel=3)
+
+
+def check_params(params: list) -> None:
+    """Parameters of one group: tensors, dense, each listed once (a repeat would be stepped twice)."""
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor (nn.Parameter)")
+        if p.is_sparse:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is sparse: sparse parameters are not supported")
+        if id(p) in seen:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) appears twice in one param group: it would be "
+                             "stepped twice per step")
+        seen.add(id(p))
 
 
 def normalize_aliases(param_group: dict) -> None:
