@@ -22,7 +22,7 @@ from .distributed import local
 from .format import NUMERICS_SIZE, QUANT_ZERO_SIGNED, num_blocks
 
 __all__ = ["LAYOUT_SETTINGS", "Kind", "TUCKER_MIN_NUMEL", "DENSE_BLOCK", "SCALAR_STATE", "MOMENT_RANK_DIM", "param_kind",
-           "matrix_rank", "matrix_layout", "tucker_ranks", "state_bits", "moment_block", "state_spec",
+           "matrix_rank", "matrix_layout", "resolved_layout", "tucker_ranks", "state_bits", "moment_block", "state_spec",
            "quantized_names"]
 
 
@@ -91,6 +91,19 @@ def param_kind(p: torch.Tensor, group: dict) -> Kind:
     if group["optim_bits"] == 8 and p.numel() >= group["min_8bit_size"]:
         return Kind.DENSE8
     return Kind.DENSE32
+
+
+def resolved_layout(p: torch.Tensor, group: dict, kind: Kind | None = None) -> tuple:
+    """What the group's settings resolve to for ``p``: kind, side and rank(s), state width and block. Two
+    settings giving the same tuple give interchangeable state."""
+    kind = param_kind(p, group) if kind is None else kind
+    if kind == Kind.MATRIX:
+        shape = matrix_layout(p, group)
+    elif kind == Kind.TUCKER:
+        shape = tucker_ranks(p.shape, group)
+    else:
+        shape = None
+    return (str(kind), shape, state_bits(kind, group), moment_block(kind, group))
 
 
 def state_bits(kind: Kind, group: dict) -> int:

@@ -18,7 +18,7 @@ from . import distributed as dist_
 from . import step as S
 from .dispatch import backend_for
 from .format import FORMAT_VERSION
-from .layout import LAYOUT_SETTINGS, Kind, param_kind, state_spec
+from .layout import LAYOUT_SETTINGS, Kind, param_kind, resolved_layout, state_spec
 from .validation import check_bnb_arguments, check_params, normalize_aliases, validate_group
 
 __all__ = ["AdamW8bit", "AdamW", "COAPAdamW"]
@@ -181,12 +181,14 @@ class COAPAdamW(Optimizer):
         """The step context of ``p`` (its state allocated at the first call): what ``step`` functions take.
         Raises ValueError, naming the parameter, when its state no longer fits its group's settings."""
         kind, state = param_kind(p, group), self.state[p]
-        layout = (kind, *(group[k] for k in LAYOUT_SETTINGS), len(state))
+        layout = (resolved_layout(p, group, kind), len(state))
         if not state:
             self._init_state(p, kind, group, state)
-            layout = (*layout[:-1], len(state))
+            layout = (layout[0], len(state))
         elif self._layouts.get(p) != layout:  # settings changed (or state edited / loaded) since last checked
             try:
+                if p in self._layouts and self._layouts[p][0] != layout[0]:  # e.g. the side: shapes may still fit
+                    raise ValueError(f"its layout was {self._layouts[p][0]}, the group now gives {layout[0]}")
                 ckpt.validate_param_state(p, state, kind, group)
             except ValueError as e:
                 raise ValueError(f"the optimizer state of the parameter of shape {tuple(p.shape)} no longer fits its "
