@@ -52,7 +52,8 @@ class COAPAdamW(Optimizer):
         proj_objective: "relative" (default; MSE / ‖G‖², scale-invariant) or "reference" (MSE / (rows·cols)).
         proj_lr, proj_max_grad_norm: the projector's SGD step (reference: 0.1 and 1.0).
         power_iters: extra subspace iterations in the warm-started re-projection (0 = the reference).
-        rotate_moments: when P changes, map the moments into the new basis (default False, as the reference).
+        rotate_moments: when P changes, map the moments into the new basis (default False, as the reference;
+            v <- v (C∘C) is approximate, so with it the update bound also clamps fp32 moments).
         proj_rounding: rounding of the 8-bit projector after an SGD step: "stochastic" (default) or "nearest".
         bf16_stochastic_rounding: bf16 parameters get updates with seeded stochastic rounding (default True).
         seed: base of every random draw (initial sketch, stochastic rounding); saved in the state dict.
@@ -116,6 +117,9 @@ class COAPAdamW(Optimizer):
             self._param_keys.setdefault(p, getattr(p, dist_.SEED_KEY_ATTR, len(self._param_keys)))
 
     def __getstate__(self) -> dict:
+        if self._in_backward is not None:
+            warnings.warn("copying/pickling an optimizer attached in-backward: the copy is detached and has no "
+                          "partial accumulation (attach() it again)", stacklevel=2)
         return {**super().__getstate__(), "quant_error_tracker": self.quant_error_tracker}
 
     def __setstate__(self, state: dict) -> None:

@@ -1,6 +1,7 @@
 """Fused 8-bit Adam moment update: dequantize -> update -> normalized step -> requantize, in one pass.
 
-Triton twin of ``coap8bit.functional.moment_update_8bit`` (same signature and results). One program per
+Triton twin of ``coap8bit.functional.moment_update_8bit`` (same signature; results equal up to
+fp32 rounding: the CPU torch path may fuse a multiply-add the kernel rounds twice). One program per
 quantization block: it reads the block's gradient (fp32 or bf16), the uint8 codes and fp32 absmax of the
 first moment m (signed map) and of √v (the second-moment format: zero-free unsigned map, see
 ``coap8bit.quant``), and writes back the new codes and absmax in place plus the normalized update
