@@ -16,16 +16,44 @@ import torch
 
 from . import distributed as dist_
 from .format import FORMAT_VERSION, new_numerics, num_blocks
-from .layout import SCALAR_STATE, Kind, matrix_layout, moment_block, state_bits, state_spec
+from .layout import SCALAR_STATE, Kind, matrix_layout, moment_block, param_kind, state_bits, state_spec
 from .dispatch import backend_for
 from .qstate import moments
 from .quant import second_moment_from_v1, second_moment_stored
+from .validation import validate_group
 
-__all__ = ["check_is_coap_state_dict", "restore_saved_tensors", "validate_state_values", "upgrade_state", "validate_param_state", "export_sharded_state",
+__all__ = ["export_sharded", "load_group", "check_is_coap_state_dict", "restore_saved_tensors", "validate_state_values", "upgrade_state", "validate_param_state", "export_sharded_state",
            "import_sharded_state"]
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, stored on the signed map)
 _TORCH = backend_for("torch", "cpu")  # checkpoint conversions run once, on whichever device: the torch path
+
+
+def export_sharded(optimizer, sd: dict) -> dict:
+    """``optimizer.state_dict()`` with every FSDP2 parameter's state as :func:`export_sharded_state` gives it."""
+    if optimizer._shards:
+        params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
+        for index, (p, group) in enumerate(params):  # torch.optim numbers parameters in this order
+            if p in optimizer._shards and index in sd["state"]:
+                sd["state"][index] = export_sharded_state(p, sd["state"][index], param_kind(p, group), group,
+                                                          optimizer._shards[p])
+    return sd
+
+
+def load_group(optimizer, group: dict) -> None:
+    """After torch.optim's loader: complete, validate and convert one loaded group and its parameters' state."""
+    for key, value in optimizer.defaults.items():
+        group.setdefault(key, value)  # a checkpoint from before a setting existed (seed, backend)
+    validate_group(group)
+    for p in group["params"]:
+        state, kind = optimizer.state.get(p), param_kind(p, group)
+        if not state:
+            continue
+        if p in optimizer._shards:
+            import_sharded_state(p, state, kind, group)
+        upgrade_state(state, kind, group)
+        validate_param_state(p, state, kind, group)
+        validate_state_values(p, state)
 
 
 def check_is_coap_state_dict(state_dict: dict) -> None:

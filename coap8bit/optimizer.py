@@ -285,14 +285,7 @@ class COAPAdamW(Optimizer):
         """torch.optim's state dict; for FSDP2 parameters the row-sharded moments are exported as fp32
         DTensors of their global shape (``checkpoint.export_sharded_state``), so that
         ``torch.distributed.checkpoint`` can load them into any world size. Everything else is as held."""
-        sd = super().state_dict()
-        if self._shards:
-            params = [(p, group) for group in self.param_groups for p in group["params"]]
-            for index, (p, group) in enumerate(params):  # torch.optim numbers parameters in this order
-                if p in self._shards and index in sd["state"]:
-                    sd["state"][index] = ckpt.export_sharded_state(p, sd["state"][index], param_kind(p, group),
-                                                                   group, self._shards[p])
-        return sd
+        return ckpt.export_sharded(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's loader, then the saved tensors put back with their own dtypes (torch.optim would
@@ -312,27 +305,13 @@ class COAPAdamW(Optimizer):
             super().load_state_dict(state_dict)
             ckpt.restore_saved_tensors(self, state_dict)
             for group in self.param_groups:
-                self._load_group(group)
+                ckpt.load_group(self, group)
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(before)
             raise
         _warn_replaced_settings(before["param_groups"], self.param_groups)
         self._layouts.clear()
-
-    def _load_group(self, group: dict) -> None:
-        for key, value in self.defaults.items():
-            group.setdefault(key, value)  # a checkpoint from before a setting existed (seed, backend)
-        validate_group(group)
-        for p in group["params"]:
-            state, kind = self.state.get(p), param_kind(p, group)
-            if not state:
-                continue
-            if p in self._shards:
-                ckpt.import_sharded_state(p, state, kind, group)
-            ckpt.upgrade_state(state, kind, group)
-            ckpt.validate_param_state(p, state, kind, group)
-            ckpt.validate_state_values(p, state)
 
 
 # Settings a checkpoint legitimately changes (schedulers move lr) or that do not change results.
