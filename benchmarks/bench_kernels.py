@@ -32,12 +32,13 @@ if not ON_GPU:
     # kernels are first imported (bitsandbytes imports triton; coap8bit's dispatch checks it was in time).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from coap8bit.kernels import moments as KM  # noqa: E402
+from coap8bit.kernels import quant as KQ  # noqa: E402
+
 import coap8bit  # noqa: E402
 from coap8bit import functional as Fn  # noqa: E402
 from coap8bit import quant as Q  # noqa: E402
 from coap8bit.bound import adam_update_bound  # noqa: E402
-from coap8bit.kernels import moments as KM  # noqa: E402
-from coap8bit.kernels import quant as KQ  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 

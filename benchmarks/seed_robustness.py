@@ -326,6 +326,7 @@ def main(argv=None) -> int:
         data["meta"]["ablation"] = any(d["meta"].get("ablation") for d in saved)
     else:
         import torch
+
         from coap8bit.bound import adam_update_bound
 
         meta = {"date": str(datetime.date.today()), "platform": platform.platform(), "machine": platform.machine(),

@@ -15,14 +15,15 @@ from __future__ import annotations
 import torch
 
 from . import distributed as dist_
+from .dispatch import backend_for
 from .format import FORMAT_VERSION, new_numerics, num_blocks
 from .layout import SCALAR_STATE, Kind, matrix_layout, moment_block, param_kind, state_bits, state_spec
-from .dispatch import backend_for
 from .qstate import moments
 from .quant import second_moment_from_v1, second_moment_stored
 from .validation import validate_group
 
-__all__ = ["export_sharded", "load_group", "check_is_coap_state_dict", "restore_saved_tensors", "validate_state_values", "upgrade_state", "validate_param_state", "export_sharded_state",
+__all__ = ["export_sharded", "load_group", "check_is_coap_state_dict", "restore_saved_tensors", "validate_state_values",
+           "upgrade_state", "validate_param_state", "export_sharded_state",
            "import_sharded_state"]
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, stored on the signed map)
@@ -61,7 +62,8 @@ def check_is_coap_state_dict(state_dict: dict) -> None:
     its moments are full-size and cannot be turned into low-rank ones."""
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("load_state_dict expects an optimizer state dict with 'state' and 'param_groups' keys, got "
-                         f"{type(state_dict).__name__} with keys {sorted(state_dict)[:5] if isinstance(state_dict, dict) else '-'}")
+                         f"{type(state_dict).__name__}"
+                         + (f" with keys {sorted(state_dict)[:5]}" if isinstance(state_dict, dict) else ""))
     for index, saved in state_dict["state"].items():
         if not isinstance(saved, dict) or "seed_key" not in saved:
             keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__

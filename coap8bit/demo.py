@@ -67,7 +67,8 @@ def train_one(name: str, args, device: torch.device, train: torch.Tensor, val: t
         opt_times.append(t2 - t1)
         curve.append(float(loss.detach()))
         if step % args.log_every == 0 or step == args.steps:
-            print(f"  [{name:>8}] step {step:4d}/{args.steps}  train loss {sum(curve[-args.log_every:]) / len(curve[-args.log_every:]):.3f}",
+            recent = curve[-args.log_every:]
+            print(f"  [{name:>8}] step {step:4d}/{args.steps}  train loss {sum(recent) / len(recent):.3f}",
                   flush=True)
     skip = min(10, len(step_times) // 2)  # first steps include allocation and warm-up
     numerics = None
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {OPTIMIZERS}")
     ap.add_argument("--lr", type=float, default=None,
-                    help=f"one lr for all (default: each optimizer's best in benchmarks/train_compare.py: {DEFAULT_LR})")
+                    help=f"one lr for all (default: each optimizer's best in benchmarks/train_compare.py: "
+                         f"{DEFAULT_LR})")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--rank-ratio", type=float, default=2.0,
                     help="coap8bit rank_ratio (default 2: the paper's -81%% configuration; the optimizer's own "
@@ -157,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
 
     base = next((r for r in results if r["name"] == "bnb8bit"), None)
     print()
-    print(f"{'optimizer':<10} {'lr':>7} {'val loss':>9} {'state B/param':>14} {'state KiB':>10} {'step ms':>9} {'opt.step ms':>12}"
+    print(f"{'optimizer':<10} {'lr':>7} {'val loss':>9} {'state B/param':>14} {'state KiB':>10} {'step ms':>9} "
+          f"{'opt.step ms':>12}"
           + (f" {'state vs bnb':>13}" if base else ""))
     for r in results:
-        line = (f"{r['name']:<10} {r['lr']:>7g} {r['val_loss']:>9.4f} {r['bytes_per_param']:>14.3f} {r['state_bytes'] / 1024:>10.1f} "
+        line = (f"{r['name']:<10} {r['lr']:>7g} {r['val_loss']:>9.4f} {r['bytes_per_param']:>14.3f} "
+                f"{r['state_bytes'] / 1024:>10.1f} "
                 f"{r['step_ms']:>9.1f} {r['opt_ms']:>12.2f}")
         if base:
             line += f" {r['state_bytes'] / base['state_bytes']:>12.1%}"

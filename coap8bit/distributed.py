@@ -88,9 +88,8 @@ FSDP2, the in-backward step (``attach``) with DTensor parameters.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import math
+from typing import Iterable
 
 import torch
 import torch.distributed as dist

@@ -10,8 +10,9 @@ gradients then never exists at once — what lets a 7B model with bf16 weights t
   S = Σ S_i (``step.apply_lowrank``). Since S is linear in G, this equals a step on the accumulated
   gradient except for one approximation: the projector refresh (initialisation, correlation-aware SGD step,
   re-projection), which needs a full gradient, sees only the FIRST micro-batch's gradient of the step
-  (the schedule is unchanged). With identical micro-batches it is exact under the default ``proj_objective="relative"`` (every
-  refresh is then scale-invariant); under ``"reference"`` the SGD step's size depends on ‖G‖, so it is not.
+  (the schedule is unchanged). With identical micro-batches it is exact under the default
+  ``proj_objective="relative"`` (every refresh is then scale-invariant); under ``"reference"`` the SGD
+  step's size depends on ‖G‖, so it is not.
 * every other parameter (dense, Tucker-projected conv): autograd accumulates ``p.grad`` as usual; on the
   k-th micro-batch the parameter is stepped (``COAPAdamW.step_param``) and its gradient freed.
 

@@ -21,8 +21,9 @@ from . import projection as proj
 from .distributed import local
 from .format import NUMERICS_SIZE, QUANT_ZERO_SIGNED, num_blocks
 
-__all__ = ["LAYOUT_SETTINGS", "Kind", "TUCKER_MIN_NUMEL", "DENSE_BLOCK", "SCALAR_STATE", "MOMENT_RANK_DIM", "param_kind",
-           "matrix_rank", "matrix_layout", "resolved_layout", "tucker_ranks", "state_bits", "moment_block", "state_spec",
+__all__ = ["LAYOUT_SETTINGS", "Kind", "TUCKER_MIN_NUMEL", "DENSE_BLOCK", "SCALAR_STATE", "MOMENT_RANK_DIM",
+           "param_kind", "matrix_rank", "matrix_layout", "resolved_layout", "tucker_ranks", "state_bits",
+           "moment_block", "state_spec",
            "quantized_names"]
 
 

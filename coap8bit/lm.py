@@ -80,7 +80,8 @@ class Block(nn.Module):
     def forward(self, x, cos, sin):
         b, t, d = x.shape
         h = self.attn_norm(x)
-        q, k, v = (proj(h).view(b, t, self.n_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(h).view(b, t, self.n_heads, -1).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
         x = x + self.o_proj(a)

@@ -35,7 +35,7 @@ import sys
 
 import torch
 
-from .accounting import BNB_QMAP_BYTES, BNB_MIN_8BIT_SIZE, bnb_adamw8bit_bytes, predicted_state
+from .accounting import BNB_MIN_8BIT_SIZE, BNB_QMAP_BYTES, bnb_adamw8bit_bytes, predicted_state
 
 __all__ = ["ModelSpec", "BUILTIN", "load_spec", "build_meta_params", "plan", "main"]
 

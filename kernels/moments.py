@@ -15,8 +15,8 @@ block each way: 12 B/element with an fp32 gradient, 10 with bf16.
 Hyper-parameters are runtime arguments: an lr or beta schedule must not trigger a recompile (the bias
 corrections are computed here from ``step`` in double precision and passed as fp32 scalars, as PyTorch
 rounds a Python scalar to the tensor's dtype). They are validated once, by the optimizer; this launcher
-checks only what the kernel's memory access depends on (shapes, dtypes, devices, contiguity). No Triton autotuning: it would benchmark the in-place
-update several times on the real state.
+checks only what the kernel's memory access depends on (shapes, dtypes, devices, contiguity). No Triton
+autotuning: it would benchmark the in-place update several times on the real state.
 """
 
 import torch
@@ -97,7 +97,8 @@ def moment_update_8bit(
     and v in place and returns N = m̂/(√v̂+eps) clamped to ±``bound`` (fp32, shaped like ``g``); adds to
     the ``numerics`` counters (fp64, 3 entries) when given.
 
-    All tensors on one device, the in-place state contiguous; ``g`` fp32 or bf16; codes uint8 with g's number of elements;
+    All tensors on one device, the in-place state contiguous; ``g`` fp32 or bf16; codes uint8 with g's number
+    of elements;
     absmax fp32 with one entry per block of ``block_size`` (a power of two in [32, 4096])."""
     check_block_size(block_size)
     device = g.device

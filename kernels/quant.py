@@ -1,8 +1,8 @@
 """Triton kernels for blockwise 8-bit quantization (the projector's storage format).
 
 Twins of ``coap8bit.quant.quantize_blockwise`` / ``dequantize_blockwise``, same signatures and the same
-format (``coap8bit.format``): blocks of ``block_size`` consecutive elements of the flattened tensor, one fp32 absmax per block,
-one uint8 index per element into bitsandbytes' 256-entry dynamic map. One program per block.
+format (``coap8bit.format``): blocks of ``block_size`` consecutive elements of the flattened tensor, one fp32
+absmax per block, one uint8 index per element into bitsandbytes' 256-entry dynamic map. One program per block.
 
 The ``@triton.jit`` helpers ``_nearest_code`` / ``_stochastic_code`` / ``_block_absmax`` are shared
 with the fused moment kernel in ``moments.py`` so that both round exactly alike.

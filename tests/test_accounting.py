@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from coap8bit import AdamW, AdamW8bit
-from coap8bit.accounting import (BNB_QMAP_BYTES, bnb_adamw8bit_bytes, memory_report, predicted_state,
-                                 state_bytes)
+from coap8bit.accounting import BNB_QMAP_BYTES, bnb_adamw8bit_bytes, memory_report, predicted_state, state_bytes
 from coap8bit.lm import TinyLlama, TinyLlamaConfig
 
 torch.set_num_threads(1)

@@ -345,8 +345,12 @@ def _fs_full(model):
 
 def _fs_dcp(model, opt, path, save):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     if save:

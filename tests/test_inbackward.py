@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import coap8bit
+from coap8bit import functional as Fn
 from coap8bit import step as S_
 from coap8bit.step import LowRankGradient
-from coap8bit import functional as Fn
 
 torch.set_num_threads(1)  # tiny tensors; the machine's two cores are shared
 

@@ -22,14 +22,14 @@ import textwrap
 
 import pytest
 import torch
-
-import coap8bit
-from coap8bit import functional as Fn
-from coap8bit import quant as Q
-from coap8bit import dispatch
-from coap8bit.bound import adam_update_bound
 from coap8bit.kernels import moments as KM
 from coap8bit.kernels import quant as KQ
+
+import coap8bit
+from coap8bit import dispatch
+from coap8bit import functional as Fn
+from coap8bit import quant as Q
+from coap8bit.bound import adam_update_bound
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -18,7 +18,9 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from coap8bit.kernels import moments as KM
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import coap8bit
 import coap8bit.checkpoint
@@ -29,7 +31,6 @@ from coap8bit import quant as Q
 from coap8bit.bound import adam_update_bound
 from coap8bit.format import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N
 from coap8bit.inbackward import clip_norm_
-from coap8bit.kernels import moments as KM
 
 DATA = pathlib.Path(__file__).parent / "data"
 BETAS = st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)).filter(lambda b: b[0] ** 2 < b[1])

@@ -1,13 +1,13 @@
 """coap8bit.AdamW8bit / AdamW: oracles, state dicts and exact resume, bad input, odd shapes."""
+import copy
 import io
+import pickle
 import warnings
 
-import copy
-import pickle
-
 import pytest
-from hypothesis import given, settings, strategies as st
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import coap8bit
 import coap8bit.checkpoint

@@ -8,8 +8,16 @@ import torch
 
 from coap8bit import AdamW8bit
 from coap8bit.accounting import state_bytes
-from coap8bit.planner import (BUILTIN, ModelSpec, build_meta_params, clip_vit_l14_336_params,
-                              coap_state_bytes, load_spec, main, plan)
+from coap8bit.planner import (
+    BUILTIN,
+    ModelSpec,
+    build_meta_params,
+    clip_vit_l14_336_params,
+    coap_state_bytes,
+    load_spec,
+    main,
+    plan,
+)
 
 torch.set_num_threads(1)
 

@@ -1,7 +1,8 @@
 """Blockwise 8-bit quantization against a brute-force nearest-code oracle."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coap8bit.quant import QUANT_ZERO_SIGNED, code_map, dequantize_blockwise, num_blocks, quantize_blockwise
 

@@ -1,7 +1,11 @@
 # Writes tests/data/coap8bit-0.1.0-state.pt with coap8bit 0.1.0 (git 580d0e6): 3 steps of AdamW8bit on a
 # projected matrix, an unprojected 8-bit vector and a small fp32-state vector.
-import sys, torch
+import sys
+
+import torch
+
 import coap8bit
+
 assert coap8bit.__file__.startswith("/tmp/v010"), coap8bit.__file__
 gen = torch.Generator().manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(48, 80), (6000,), (300,)]]
