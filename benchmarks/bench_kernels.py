@@ -92,7 +92,6 @@ def device_baselines() -> dict:
     a = torch.randn(n, n, device=DEVICE, dtype=dtype)
     b = torch.randn(n, n, device=DEVICE, dtype=dtype)
     t_gemm = bench(lambda: a @ b)
-    del src, dst, a, b
     return {"copy_GBps": copy_gbs, "copy_bytes": n_bytes, "gemm_TFLOPs": 2 * n**3 / t_gemm / 1e12,
             "gemm_n": n, "gemm_dtype": str(dtype)}
 
