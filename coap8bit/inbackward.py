@@ -74,7 +74,7 @@ class InBackward:
         self.max_grad_norm = max_grad_norm
         self._slots: dict[torch.Tensor, _Accumulation] = {}
         self._hooks = []
-        self._adopt_new()
+        self.adopt()
         if model is not None:
             missing = [n for n, p in model.named_parameters() if p.requires_grad and p not in self._slots]
             if missing:
@@ -82,7 +82,7 @@ class InBackward:
                               f"optimizer (e.g. {missing[0]!r}); their gradients accumulate and are never stepped",
                               stacklevel=3)
 
-    def _adopt_new(self) -> list[torch.Tensor]:
+    def adopt(self) -> list[torch.Tensor]:
         """Hook every trainable parameter of the optimizer that is not hooked yet (at attach; later: unfrozen
         since, or in a param group added since). Returns those newly hooked."""
         new = []
@@ -93,11 +93,6 @@ class InBackward:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_gradient))
                     new.append(p)
         return new
-
-    def adopt(self, params) -> None:
-        """Hook parameters added to the optimizer while attached (``add_param_group``)."""
-        del params  # every new trainable parameter is found in the param groups
-        self._adopt_new()
 
     # ------------------------------------------------------------------ public
     @property
@@ -115,7 +110,7 @@ class InBackward:
         parameter unfrozen after attach() is hooked here; the gradient autograd accumulated for it until now
         is stepped as one ordinary step (it would otherwise grow forever: zero_grad() is a no-op while
         attached)."""
-        late = [p for p in self._adopt_new() if p.grad is not None]
+        late = [p for p in self.adopt() if p.grad is not None]
         if late:
             warnings.warn(f"coap8bit attach: {len(late)} parameter(s) became trainable after attach() (e.g. shape "
                           f"{tuple(late[0].shape)}); they are attached now, and their gradient so far was stepped "

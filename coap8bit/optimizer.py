@@ -148,7 +148,7 @@ class COAPAdamW(Optimizer):
             raise
         self._register_params(group["params"])
         if self._in_backward is not None:
-            self._in_backward.adopt(group["params"])
+            self._in_backward.adopt()  # hook the new group's parameters
 
     def param_kind(self, p: torch.Tensor, group: dict) -> Kind:
         """Which update rule a parameter gets (a pure function of its shape and the group settings)."""

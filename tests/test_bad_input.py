@@ -35,6 +35,15 @@ def _snapshot(opt, model):
     return copy.deepcopy(([p.detach().clone() for p in model.parameters()], opt.state_dict()))
 
 
+def _assert_step_refused(opt, model, match):
+    """The next step raises ValueError matching ``match`` with weights and state bit-identical."""
+    _backward(model, 1)
+    before = _snapshot(opt, model)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _assert_same(before, _snapshot(opt, model))
+
+
 def _assert_same(a, b):
     (wa, sa), (wb, sb) = a, b
     assert all(torch.equal(x, y) for x, y in zip(wa, wb))
@@ -88,11 +97,7 @@ def test_setting_broken_between_steps_is_refused_before_anything_steps(setting, 
     model = _model()
     opt = _stepped(model)
     opt.param_groups[0][setting] = value
-    _backward(model, 1)
-    before = _snapshot(opt, model)
-    with pytest.raises(ValueError, match=rf"param_groups\[0\].*{culprit}"):
-        opt.step()
-    _assert_same(before, _snapshot(opt, model))
+    _assert_step_refused(opt, model, rf"param_groups\[0\].*{culprit}")
 
 
 def test_tensor_lr_from_a_scheduler_equals_float_lr():
@@ -139,11 +144,7 @@ def test_state_shaping_setting_changed_after_steps_is_refused_with_nothing_stepp
     model = _model()
     opt = _stepped(model, rank=8)
     opt.param_groups[0][setting] = value
-    _backward(model, 1)
-    before = _snapshot(opt, model)
-    with pytest.raises(ValueError, match=r"shape \(64, 64\).*no longer fits"):
-        opt.step()
-    _assert_same(before, _snapshot(opt, model))
+    _assert_step_refused(opt, model, r"shape \(64, 64\).*no longer fits")
 
 
 def test_state_edited_by_hand_is_caught_at_the_next_step():
