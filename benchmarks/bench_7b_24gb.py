@@ -181,18 +181,18 @@ def main(argv=None) -> int:
     if args.tiny:
         coap_kwargs.update(min_proj_size=1024)
     report["planner_estimate"] = None if args.tiny else planner_estimate(args.rank_ratio)
-    results = []
-    if args.only in (None, "coap"):
-        results.append(run_coap(config_kwargs, device, seq, args.steps, coap_kwargs))
-        release(device)
-    if args.only in (None, "bnb"):
-        results.append(run_bnb(config_kwargs, device, seq, args.steps))
-        release(device)
-    report["results"] = results
-    text = json.dumps(report, indent=2)
+    report["results"] = []
+    runs = {"coap": lambda: run_coap(config_kwargs, device, seq, args.steps, coap_kwargs),
+            "bnb": lambda: run_bnb(config_kwargs, device, seq, args.steps)}
+    for name, run in runs.items():
+        if args.only in (None, name):
+            report["results"].append(run())
+            release(device)
+            # Written after each run: a caller that stops a later run (a time limit) keeps this one.
+            text = json.dumps(report, indent=2)
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
     print(text)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
     return 0
 
 

@@ -7,8 +7,8 @@ On a GPU, in one run:
   3. the full optimizer step on LLaMA-1B / LLaMA-7B decoder-layer shapes with bf16 weights, amortized over
      two projector-refresh cycles (so each measured window holds the same number of SGD projector updates
      and re-projections), against bitsandbytes AdamW8bit, torch.optim.AdamW(fused=True) and GaLore-8bit
-     (galore_torch.GaLoreAdamW8bit, only if importable) at equal rank and refresh interval; with the peak
-     memory each optimizer adds over weights + gradients, and its state bytes.
+     (galore_torch.GaLoreAdamW8bit, only if importable; it needs CUDA) at equal rank and refresh interval;
+     with the peak memory each optimizer adds over weights + gradients, and its state bytes.
 Prints a table and writes JSON to --out.
 
 On CPU the same code runs at tiny sizes (kernels through TRITON_INTERPRET=1) so that the script cannot rot:
@@ -49,13 +49,19 @@ LAYERS = {
     "llama7b": {"hidden": 4096, "intermediate": 11008},
 }
 CPU_DIVISOR = 64  # CPU smoke run: every dimension divided by this
+DEFAULT_DIVISOR = 1 if ON_GPU else CPU_DIVISOR
 
 
-def layer_shapes(name: str) -> list[tuple[int, int]]:
-    h, i = LAYERS[name]["hidden"], LAYERS[name]["intermediate"]
-    if not ON_GPU:
-        h, i = h // CPU_DIVISOR, i // CPU_DIVISOR
+def layer_shapes(name: str, divisor: int = DEFAULT_DIVISOR) -> list[tuple[int, int]]:
+    h, i = LAYERS[name]["hidden"] // divisor, LAYERS[name]["intermediate"] // divisor
     return [(h, h)] * 4 + [(i, h), (i, h), (h, i)]  # q k v o, gate up, down
+
+
+def kernel_shapes(rank_ratio: float, divisor: int = DEFAULT_DIVISOR) -> list[tuple[int, int]]:
+    """The low-rank moments of the 7B layer at ``rank_ratio`` (m × r), e.g. 4096×1024 and 11008×1024."""
+    h, i = LAYERS["llama7b"]["hidden"] // divisor, LAYERS["llama7b"]["intermediate"] // divisor
+    r = int(h // rank_ratio)
+    return [(h, r), (i, r)]
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -146,74 +152,94 @@ def _kernel_row(name, shape, floor_bytes, copy_gbs, kernel, twin) -> dict:
 
 # ---------------------------------------------------------------------------------------------- 3. optimizers
 def _make_optimizers(rank_ratio: float, update_interval: int, reproject_factor: int, scale: float):
-    """name -> factory(params). Equal rank (min(shape) / rank_ratio) and refresh interval: GaLore's SVD
-    refresh (update_proj_gap) is set to COAP's re-projection interval, update_interval × reproject_factor."""
+    """(name -> factory(params), name -> why that baseline is unavailable). Equal rank (min(shape) / rank_ratio)
+    and refresh interval: GaLore's SVD refresh (update_proj_gap) is set to COAP's re-projection interval,
+    update_interval × reproject_factor. Ordered as the goals need them (coap8bit, bnb, GaLore first), so that a
+    run stopped at a time limit has those."""
     # On CPU "auto" would pick the torch path; the smoke run exercises the interpreted kernels instead.
     kernel_backend = "auto" if ON_GPU else "triton"
     factories = {
         "coap8bit.AdamW8bit": lambda ps: coap8bit.AdamW8bit(
             ps, lr=1e-4, rank_ratio=rank_ratio, update_interval=update_interval,
             reproject_factor=reproject_factor, scale=scale, min_proj_size=1, backend=kernel_backend),
-        "coap8bit.AdamW8bit[torch]": lambda ps: coap8bit.AdamW8bit(
-            ps, lr=1e-4, rank_ratio=rank_ratio, update_interval=update_interval,
-            reproject_factor=reproject_factor, scale=scale, min_proj_size=1, backend="torch"),
-        "torch.AdamW(fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
     }
+    unavailable = {}
     try:
         import bitsandbytes as bnb
 
         factories["bnb.AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4)
     except Exception as exc:  # pragma: no cover - reported, not hidden
-        print(f"bitsandbytes AdamW8bit unavailable: {exc}")
+        unavailable["bnb.AdamW8bit"] = f"bitsandbytes not importable: {type(exc).__name__}: {exc}"
+    galore, why = _galore_factory(rank_ratio, update_interval * reproject_factor, scale)
+    if galore is None:
+        unavailable["GaLoreAdamW8bit"] = why
+    else:
+        factories["GaLoreAdamW8bit"] = galore
+    factories["torch.AdamW(fused)"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
+    factories["coap8bit.AdamW8bit[torch]"] = lambda ps: coap8bit.AdamW8bit(
+        ps, lr=1e-4, rank_ratio=rank_ratio, update_interval=update_interval,
+        reproject_factor=reproject_factor, scale=scale, min_proj_size=1, backend="torch")
+    return factories, unavailable
+
+
+def _galore_factory(rank_ratio: float, refresh_interval: int, scale: float):
+    """(factory(params), None), or (None, why GaLore-8bit cannot run here)."""
+    if not ON_GPU:
+        return None, "needs CUDA (its step calls torch.cuda.synchronize)"
     try:
         from galore_torch import GaLoreAdamW8bit
-
-        def galore(ps):
-            ps = list(ps)
-            groups = [{"params": [p], "rank": max(1, int(min(p.shape) // rank_ratio)),
-                       "update_proj_gap": update_interval * reproject_factor, "scale": scale,
-                       "proj_type": "std"} for p in ps]
-            return GaLoreAdamW8bit(groups, lr=1e-4)
-
-        factories["GaLoreAdamW8bit"] = galore
     except Exception as exc:
-        print(f"GaLore-8bit not benchmarked (galore_torch not importable: {type(exc).__name__})")
-    return factories
+        return None, f"galore_torch not importable: {type(exc).__name__}: {exc}"
+
+    def galore(ps):
+        groups = [{"params": [p], "rank": max(1, int(min(p.shape) // rank_ratio)), "update_proj_gap": refresh_interval,
+                   "scale": scale, "proj_type": "std"} for p in ps]
+        return GaLoreAdamW8bit(groups, lr=1e-4)
+
+    return galore, None
 
 
 def optimizer_rows(layer: str, n_layers: int, rank_ratio: float, update_interval: int, reproject_factor: int,
-                   scale: float) -> list[dict]:
-    shapes = layer_shapes(layer) * n_layers
+                   scale: float, divisor: int = DEFAULT_DIVISOR, on_row=None) -> list[dict]:
+    """One row per optimizer: its timing, or ``error`` (it raised) or ``unavailable`` (not benchmarked, why).
+    ``on_row(rows)`` is called after each row, so a caller can save what is done before a slow baseline."""
+    shapes = layer_shapes(layer, divisor) * n_layers
     cycle = update_interval * reproject_factor
     window = 2 * cycle  # two projector-refresh cycles: 2 re-projections + 2·(factor-1) SGD updates each
     rows = []
     dtype = torch.bfloat16 if ON_GPU else torch.float32
-    for name, make in _make_optimizers(rank_ratio, update_interval, reproject_factor, scale).items():
+    factories, unavailable = _make_optimizers(rank_ratio, update_interval, reproject_factor, scale)
+    for name, why in unavailable.items():
+        print(f"{name}: not benchmarked: {why}")
+        rows.append({"layer": layer, "optimizer": name, "unavailable": why})
+    for name, make in factories.items():
         name_note = " (interpreted kernels)" if not ON_GPU and name == "coap8bit.AdamW8bit" else ""
         gen = torch.Generator(device=DEVICE).manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, device=DEVICE, generator=gen).mul_(0.02).to(dtype))
                   for s in shapes]
-        for p in params:
-            p.grad = torch.randn(p.shape, device=DEVICE, generator=gen).mul_(1e-3).to(dtype)
+        grads = [torch.randn(p.shape, device=DEVICE, generator=gen).mul_(1e-3).to(dtype) for p in params]
         sync()
         base = torch.cuda.memory_allocated() if ON_GPU else 0
         if ON_GPU:
             torch.cuda.reset_peak_memory_stats()
         try:
             opt = make(params)
-            opt.step()  # step 1: state init and initial projector; not timed
+            _step_from(opt, params, grads)  # step 1: state init and initial projector; not timed
             warm = 2
             for _ in range(warm):
-                opt.step()
+                _step_from(opt, params, grads)
             sync()
             t0 = time.perf_counter()
             steps = window if ON_GPU else min(window, 8)
             for _ in range(steps):
-                opt.step()
+                _step_from(opt, params, grads)
             sync()
             per_step = (time.perf_counter() - t0) / steps
         except Exception as exc:
             print(f"{name}: failed: {type(exc).__name__}: {exc}")
+            rows.append({"layer": layer, "optimizer": name, "error": f"{type(exc).__name__}: {exc}"})
+            if on_row is not None:
+                on_row(rows)
             continue
         state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                           if torch.is_tensor(t))
@@ -223,15 +249,29 @@ def optimizer_rows(layer: str, n_layers: int, rank_ratio: float, update_interval
             "ms_per_step": per_step * 1e3, "state_bytes": state_bytes, "state_bytes_per_param": state_bytes / n_params,
             "peak_extra_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20 if ON_GPU else None,
         })
-        del opt, params
+        del opt, params, grads
         if ON_GPU:
             torch.cuda.empty_cache()
-    ref = {r["optimizer"]: r["ms_per_step"] for r in rows}  # baselines carry no note
+        add_time_ratios(rows)
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+def _step_from(opt, params, grads) -> None:
+    # GaLore leaves its projected gradient in p.grad: every step starts again from the full gradients.
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+
+
+def add_time_ratios(rows: list[dict]) -> None:
+    """Each timed row's ms/step over each baseline's (``time_vs_<baseline>``), for the baselines timed so far."""
+    ref = {r["optimizer"]: r["ms_per_step"] for r in rows if "ms_per_step" in r}  # baselines carry no note
     for r in rows:
         for other in ("bnb.AdamW8bit", "torch.AdamW(fused)", "GaLoreAdamW8bit"):
-            if other in ref:
+            if other in ref and "ms_per_step" in r:
                 r[f"time_vs_{other}"] = r["ms_per_step"] / ref[other]
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -263,12 +303,7 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {base['copy_GBps']:.1f} GB/s, GEMM {base['gemm_dtype']} n={base['gemm_n']}: "
           f"{base['gemm_TFLOPs']:.3g} TFLOP/s")
 
-    # Kernel shapes: the low-rank moments of the 7B layer at the chosen rank ratio (m × r), e.g. 11008×1024.
-    h, i = LAYERS["llama7b"]["hidden"], LAYERS["llama7b"]["intermediate"]
-    if not ON_GPU:
-        h, i = h // CPU_DIVISOR, i // CPU_DIVISOR
-    r = int(h // args.rank_ratio)
-    kernels = kernel_rows([(h, r), (i, r)], args.block_size, base["copy_GBps"])
+    kernels = kernel_rows(kernel_shapes(args.rank_ratio), args.block_size, base["copy_GBps"])
     print(f"\n{'kernel':32s} {'shape':>13s} {'us':>9s} {'twin us':>9s} {'GB/s':>8s} {'of copy':>8s}")
     for row in kernels:
         print(f"{row['kernel']:32s} {str(tuple(row['shape'])):>13s} {row['kernel_us']:9.1f} "
@@ -281,6 +316,9 @@ def main(argv=None) -> int:
           f"{args.rank_ratio}, T_u {t_u}, re-projection every {t_u * factor} steps, timed over 2 cycles")
     print(f"{'layer':8s} {'optimizer':42s} {'ms/step':>9s} {'B/param':>8s} {'peak MiB':>9s} {'vs bnb':>7s}")
     for row in steps:
+        if "ms_per_step" not in row:
+            print(f"{row['layer']:8s} {row['optimizer']:42s} {row.get('error') or row['unavailable']}")
+            continue
         peak = f"{row['peak_extra_MiB']:9.1f}" if row["peak_extra_MiB"] is not None else f"{'-':>9s}"
         vs = row.get("time_vs_bnb.AdamW8bit")
         print(f"{row['layer']:8s} {row['optimizer']:42s} {row['ms_per_step']:9.2f} "

@@ -19,8 +19,8 @@ import torch
 from . import functional as Fn
 from . import quant as Q
 
-__all__ = ["BACKENDS", "Backend", "backend_for", "use_triton", "moment_update_8bit", "quantize_blockwise",
-           "dequantize_blockwise"]
+__all__ = ["BACKENDS", "Backend", "backend_for", "use_triton", "moment_update_8bit", "step_header",
+           "quantize_blockwise", "dequantize_blockwise"]
 
 BACKENDS = ("auto", "torch", "triton")
 _TRUE = ("1", "true", "yes", "on")  # the values Triton's own TRITON_INTERPRET knob reads as set
@@ -81,6 +81,14 @@ def moment_update_8bit(backend: str, device: torch.device | str) -> Callable[...
     return _kernel_module("moments").moment_update_8bit
 
 
+def step_header(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """The on-device verdict and constants of an 8-bit step for ``backend`` on ``device`` (signature of
+    :func:`coap8bit.functional.step_header`)."""
+    if not use_triton(backend, device):
+        return Fn.step_header
+    return _kernel_module("moments").step_header
+
+
 def quantize_blockwise(backend: str, device: torch.device | str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """Blockwise 8-bit quantizer for ``backend`` on ``device`` (signature of
     :func:`coap8bit.quant.quantize_blockwise`)."""
@@ -99,18 +107,22 @@ def dequantize_blockwise(backend: str, device: torch.device | str) -> Callable[.
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """The three state operations of one backend on one device (signatures of the torch twins)."""
+    """The state operations of one backend on one device (signatures of the torch twins). ``fused``: the
+    Triton kernels, which take a skip decided on the device without a host sync (the torch path decides on
+    the host: a sync costs nothing on the CPU it serves)."""
 
     name: str
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     dequantize: Callable[..., torch.Tensor]
     moment_update_8bit: Callable[..., torch.Tensor]
+    step_header: Callable[..., torch.Tensor]
+    fused: bool
 
 
 @functools.lru_cache(maxsize=None)
 def _backend(backend: str, device: torch.device, interpret: bool) -> Backend:
     return Backend(backend, quantize_blockwise(backend, device), dequantize_blockwise(backend, device),
-                   moment_update_8bit(backend, device))
+                   moment_update_8bit(backend, device), step_header(backend, device), use_triton(backend, device))
 
 
 def backend_for(backend: str, device: torch.device | str) -> Backend:

@@ -1,4 +1,4 @@
-"""The 8-bit state format: code maps, the midpoints nearest-code rounding searches, the signed map's zero
+"""The 8-bit state format: code maps, the table nearest-code rounding reads, the signed map's zero
 index, the block count, the format version and the layout of the numerics counters.
 
 A leaf module (torch, and bitsandbytes for the maps): ``quant`` (the torch implementation) and the Triton
@@ -29,13 +29,20 @@ __all__ = [
     "FORMAT_VERSION",
     "QUANT_ZERO_SIGNED",
     "code_map",
-    "code_midpoints",
+    "SEARCH_CELL_SHIFT",
+    "search_table",
     "num_blocks",
     "is_default_format",
     "NUMERICS_BOUND_HITS",
     "NUMERICS_FLOOR_HITS",
     "NUMERICS_MAX_N",
     "new_numerics",
+    "HEADER_OK",
+    "HEADER_BC1",
+    "HEADER_BC2",
+    "HEADER_BOUND",
+    "HEADER_DECAY",
+    "HEADER_SIZE",
 ]
 
 # Version of the 8-bit state format, stored in every parameter's state as "format". 1: coap8bit 0.1.0
@@ -69,17 +76,70 @@ def _code_map_cpu(signed: bool, unsigned_has_zero: bool = False) -> torch.Tensor
     return code
 
 
+# Nearest-code rounding without a search (issue 13): the maps are sign · 10^-e · a linear fraction, so the top 16
+# bits of a value's fp32 pattern (sign, exponent and 7 mantissa bits: its "cell") almost decide its code. No
+# cell holds more than one rounding threshold (checked when the table is built; 6 mantissa bits would put two
+# into some cells of the unsigned map's top decade), so one comparison finishes the job:
+#     code(x) = first[cell] + (threshold[cell] < x),    cell = (fp32 bits of x, unsigned) >> SEARCH_CELL_SHIFT
+SEARCH_CELL_SHIFT = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _thresholds_cpu(signed: bool, unsigned_has_zero: bool, sign_preserving: bool) -> torch.Tensor:
+    """The 255 sorted fp32 thresholds t of the format's rounding: the code of x is count(t < x), ties going
+    to the lower code. They are the midpoints between neighbouring codes, except that sign preservation moves
+    the two around the signed map's zero code to the largest negative float and +0.0: then exactly ±0 round
+    to zero and any other value to a code of its own sign (as nearest rounding followed by a sign fix-up)."""
+    code = _code_map_cpu(signed, unsigned_has_zero)
+    thresholds = (code[1:] + code[:-1]) * 0.5
+    if signed and sign_preserving:
+        zero = torch.zeros(())
+        thresholds[QUANT_ZERO_SIGNED - 1] = -torch.nextafter(zero, zero + 1)  # the largest negative float
+        thresholds[QUANT_ZERO_SIGNED] = 0.0
+    return thresholds
+
+
+def _as_fp32(bits: torch.Tensor) -> torch.Tensor:
+    """fp32 values of 32-bit patterns held in int64."""
+    return torch.where(bits < 2**31, bits, bits - 2**32).to(torch.int32).view(torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _search_table_cpu(signed: bool, unsigned_has_zero: bool,
+                      sign_preserving: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    thresholds = _thresholds_cpu(signed, unsigned_has_zero, sign_preserving)
+    cell = torch.arange(1 << (32 - SEARCH_CELL_SHIFT), dtype=torch.int64)
+    first_bits = cell << SEARCH_CELL_SHIFT
+    last_bits = first_bits + (1 << SEARCH_CELL_SHIFT) - 1
+    negative = first_bits >= 2**31  # a negative cell's values fall as its patterns rise
+    lowest = torch.where(negative, _as_fp32(last_bits), _as_fp32(first_bits))
+    highest = torch.where(negative, _as_fp32(first_bits), _as_fp32(last_bits))
+    # Cells of exponent 255 hold ±inf and NaNs (outside every map's range): all get the infinity's code.
+    exponent_255 = (first_bits & 0x7F800000) == 0x7F800000
+    infinity = torch.where(negative, -torch.inf, torch.inf)
+    lowest = torch.where(exponent_255, infinity, lowest)
+    highest = torch.where(exponent_255, infinity, highest)
+    first = torch.bucketize(lowest, thresholds)
+    if bool((torch.bucketize(highest, thresholds) - first > 1).any()):
+        raise RuntimeError("a search cell holds two rounding thresholds: SEARCH_CELL_SHIFT is too large for the map")
+    above = torch.cat([thresholds, thresholds.new_tensor([torch.inf])])[first]  # +inf: nothing above the last code
+    return first.to(torch.uint8), above
+
+
 _DEVICE_TABLES: dict[tuple, torch.Tensor] = {}
 
 
 def _on_device(kind: str, signed: bool, device) -> torch.Tensor:
     device = torch.device(device)
-    key = (kind, signed, _UNSIGNED_HAS_ZERO, device)
+    key = (kind, signed, _UNSIGNED_HAS_ZERO, _SIGN_PRESERVING, device)
     table = _DEVICE_TABLES.get(key)
     if table is None:
-        code = _code_map_cpu(signed, _UNSIGNED_HAS_ZERO)
-        table = (code if kind == "code" else (code[1:] + code[:-1]) * 0.5).to(device)
-        _DEVICE_TABLES[key] = table
+        if kind == "code":
+            table = _code_map_cpu(signed, _UNSIGNED_HAS_ZERO)
+        else:
+            first, threshold = _search_table_cpu(signed, _UNSIGNED_HAS_ZERO, _SIGN_PRESERVING)
+            table = first if kind == "first" else threshold
+        table = _DEVICE_TABLES[key] = table.to(device)
     return table
 
 
@@ -89,10 +149,14 @@ def code_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
     return _on_device("code", signed, device)
 
 
-def code_midpoints(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 255 midpoints between neighbouring codes of the map (fp32, on ``device``): nearest-code
-    rounding is a search over these, here and in the Triton kernels."""
-    return _on_device("mid", signed, device)
+def search_table(signed: bool, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The map's rounding table on ``device``, indexed by cell (see SEARCH_CELL_SHIFT): ``first`` (uint8, the
+    code of the cell's lowest value) and ``threshold`` (fp32, the rounding threshold above it, +inf if none in
+    the cell), 65536 entries each. ``first[cell] + (threshold[cell] < x)`` is the format's code of any finite
+    fp32 x: the nearest code, ties going to the lower one, and under the signed map (format 2) never zero or
+    the other sign for a non-zero x. ±inf and NaN get code 0 or 255 by their sign bit. The torch path and the
+    Triton kernels both round with this table."""
+    return _on_device("first", signed, device), _on_device("threshold", signed, device)
 
 
 def num_blocks(numel: int, block_size: int) -> int:
@@ -109,3 +173,11 @@ NUMERICS_SIZE = 3
 
 def new_numerics(device: torch.device) -> torch.Tensor:
     return torch.zeros(NUMERICS_SIZE, dtype=torch.float64, device=device)
+
+
+# Layout of a step header (fp32, one per parameter step on the fused path, written on the device by
+# ``step_header``): whether the step is applied (1.0) or skipped (0.0), the bias corrections 1-β1^t and
+# 1-β2^t, exact Adam's bound at t, and the weight-decay factor to apply (1.0 when skipped). The moment
+# kernel and the weight update read it, so that a skip decided on the device needs no host sync.
+HEADER_OK, HEADER_BC1, HEADER_BC2, HEADER_BOUND, HEADER_DECAY = 0, 1, 2, 3, 4
+HEADER_SIZE = 5

@@ -8,15 +8,23 @@ from __future__ import annotations
 import torch
 
 from . import projection
-from .format import NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N
+from .bound import adam_update_bound
+from .format import HEADER_DECAY, NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N
 from .projection import row_blocks
-from .quant import dequantize_blockwise, dequantize_second_moment, quantize_blockwise, quantize_second_moment
+from .quant import (
+    dequantize_blockwise,
+    dequantize_second_moment,
+    quantize_blockwise,
+    quantize_second_moment,
+    second_moment_peak,
+)
 
 __all__ = [
     "moments_stay_finite",
     "adam_moment_update_",
     "normalized_update",
     "moment_update_8bit",
+    "step_header",
     "moment_update_32bit",
     "stochastic_round_",
     "apply_matrix_update_",
@@ -55,8 +63,11 @@ def normalized_update(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int
     """N = m̂ / (√v̂ + eps) with Adam's bias correction at ``step`` (1-based), clamped to ±``bound`` (the
     caller passes ``bound.adam_update_bound``: a no-op for exact moments). ``numerics``: counters updated in
     place."""
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2**step
+    return _normalized(m, v, eps=eps, bc1=1.0 - beta1**step, bc2=1.0 - beta2**step, bound=bound, numerics=numerics)
+
+
+def _normalized(m: torch.Tensor, v: torch.Tensor, *, eps: float, bc1: float, bc2: float, bound: float,
+                numerics: torch.Tensor | None) -> torch.Tensor:
     N = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
     if numerics is not None:
         magnitude = N.abs()
@@ -95,25 +106,66 @@ def moment_update_8bit(
     beta1: float,
     beta2: float,
     eps: float,
-    step: int,
-    bound: float,
     block_size: int,
+    step: int | None = None,
+    bound: float | None = None,
+    header: torch.Tensor | None = None,
     numerics: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantize m (signed map) and v (second-moment format, ``quant``), apply the Adam moment update
-    with ``g``, requantize in place (codes and absmax), return N = m̂/(√v̂+eps) clamped to ±``bound``, from the fp32
-    values before requantization (as bitsandbytes' fused kernel does). Torch twin of
-    ``kernels.moment_update_8bit``. The caller checks ``moments_stay_finite`` first (this writes state)."""
+    with ``g``, requantize in place (codes and absmax), return N = m̂/(√v̂+eps) clamped to the bound, from the
+    fp32 values before requantization (as bitsandbytes' fused kernel does). Torch twin of
+    ``kernels.moment_update_8bit``: the step's constants from ``header`` (format.HEADER_*; OK = 0: nothing
+    written, N = 0) or from ``step`` and ``bound``; N written into ``out`` when given (may be ``g``). The
+    caller decides the step may be taken (``step_header`` / ``moments_stay_finite``) first: this writes state."""
+    if header is not None:
+        ok, bc1, bc2, bound, _ = header.tolist()  # one read of the header (free on the CPU this path serves)
+        if not ok:
+            return torch.zeros(g.shape, dtype=torch.float32, device=g.device) if out is None else out.zero_()
+    else:
+        bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
     m = dequantize_blockwise(m_codes, m_absmax, signed=True, block_size=block_size)
     v = dequantize_second_moment(v_codes, v_absmax, block_size=block_size)
-    N = moment_update_32bit(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step, bound=bound, numerics=numerics)
+    adam_moment_update_(g.to(torch.float32), m, v, beta1=beta1, beta2=beta2)
+    N = _normalized(m, v, eps=eps, bc1=bc1, bc2=bc2, bound=bound, numerics=numerics)
     quantize_blockwise(m, signed=True, block_size=block_size, out_codes=m_codes, out_absmax=m_absmax)
     quantize_second_moment(v, block_size=block_size, out_codes=v_codes, out_absmax=v_absmax)
     if numerics is not None:
         # At the floor code with a non-zero first moment: the elements whose N the floor bounds (where 0.1.0's
         # zero code gave m̂/eps). Elements that never had a gradient (m = 0) sit at the floor harmlessly.
         numerics[NUMERICS_FLOOR_HITS] += ((v_codes == 0) & (m != 0)).sum()
-    return N
+    return N if out is None else out.copy_(N)
+
+
+def step_header(
+    g_peak: torch.Tensor,
+    m_absmax: torch.Tensor,
+    v_absmax: torch.Tensor,
+    pending: torch.Tensor,
+    *,
+    step: int,
+    beta1: float,
+    beta2: float,
+    bound: float,
+    decay: float,
+    defer: bool,
+) -> torch.Tensor:
+    """The header (fp32, format.HEADER_*) of one parameter's 8-bit step: torch twin of
+    ``kernels.step_header`` (see there). OK iff ``moments_stay_finite`` for the moments' peaks (read from their
+    absmax); with skips still ``pending`` the constants are those of step − pending."""
+    late = int(pending)
+    t = step - late
+    if late:
+        bound = adam_update_bound(beta1, beta2, t) * (1.0 + 1e-4)  # the kernel's margin for its fp32 bound
+    ok = moments_stay_finite(g_peak.to(torch.float32), m_absmax.amax() if m_absmax.numel() else m_absmax.new_zeros(()),
+                             second_moment_peak(v_absmax), beta1=beta1, beta2=beta2, step=t)
+    header = torch.stack([ok.to(torch.float32)] + [torch.tensor(x, dtype=torch.float32, device=m_absmax.device)
+                                                  for x in (1.0 - beta1**t, 1.0 - beta2**t, bound, decay)])
+    header[HEADER_DECAY] = torch.where(ok, header[HEADER_DECAY], 1.0)
+    if defer:
+        pending += (~ok).to(pending.dtype)
+    return header
 
 
 def stochastic_round_(
@@ -153,8 +205,10 @@ def apply_matrix_update_(
     weight_decay: float,
     scale: float,
     sr_seed: int | None,
+    decay: float | torch.Tensor | None = None,
 ) -> None:
-    """W <- (1 - lr·wd) W - lr·scale · N P, on the canonical (a×b) view of the weight.
+    """W <- (1 - lr·wd) W - lr·scale · N P, on the canonical (a×b) view of the weight. ``decay``, when given,
+    replaces 1 - lr·wd (a 0-dim device tensor: the factor a step decided on the device applies, 1 if skipped).
 
     fp32 weights: one fused addmm_. Other dtypes (bf16/fp16): the product N P is a GEMM in the weight's own
     dtype — tensor cores on a GPU; an fp32 GEMM of these shapes is ~10x slower there — whose relative
@@ -162,9 +216,12 @@ def apply_matrix_update_(
     formed in fp32 one block of rows at a time (``projection.row_blocks``: at most 64 MiB of fp32
     temporaries whatever the layer) and written back with stochastic rounding (bf16 with ``sr_seed``; one
     generator stream across the blocks) or round-to-nearest."""
-    decay = 1.0 - lr * weight_decay
+    decay = 1.0 - lr * weight_decay if decay is None else decay
     alpha = -lr * scale
     if W.dtype in (torch.float32, torch.float64):  # in the weight's own precision: fp64 keeps its digits
+        if torch.is_tensor(decay):  # addmm_'s beta must be a number
+            W.mul_(decay)
+            decay = 1.0
         W.addmm_(N.to(W.dtype), P.to(W.dtype), beta=decay, alpha=alpha)
         return
     P_w = P.to(W.dtype)
@@ -186,17 +243,21 @@ def apply_dense_update_(
     lr: float,
     weight_decay: float,
     sr_seed: int | None,
+    decay: float | torch.Tensor | None = None,
 ) -> None:
     """W <- (1 - lr·wd) W - lr · N for an unprojected tensor (N fp32, shaped like W); fp32/fp64 weights in
     their own precision, others in bounded fp32 chunks with stochastic rounding (bf16) or round-to-nearest.
-    A non-contiguous W (channels_last, a strided view) is updated through a contiguous copy of it."""
-    decay = 1.0 - lr * weight_decay
+    A non-contiguous W (channels_last, a strided view) is updated through a contiguous copy of it. ``decay``:
+    as in :func:`apply_matrix_update_`."""
+    decay = 1.0 - lr * weight_decay if decay is None else decay
     if W.dtype in (torch.float32, torch.float64):
-        W.mul_(decay).add_(N.to(W.dtype), alpha=-lr)
+        if not (isinstance(decay, float) and decay == 1.0):
+            W.mul_(decay)
+        W.add_(N.to(W.dtype), alpha=-lr)
         return
     if not W.is_contiguous():
         work = W.contiguous()
-        apply_dense_update_(work, N, lr=lr, weight_decay=weight_decay, sr_seed=sr_seed)
+        apply_dense_update_(work, N, lr=lr, weight_decay=weight_decay, sr_seed=sr_seed, decay=decay)
         W.copy_(work)
         return
     gen = _sr_generator(W, sr_seed)

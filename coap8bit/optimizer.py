@@ -106,6 +106,8 @@ class COAPAdamW(Optimizer):
         self._shards: dict[torch.Tensor, dist_.ParamShard] = {}  # FSDP2 (DTensor) parameters only
         self._comms: dict = {}  # one RowShardComm per process group
         self._layouts: dict[torch.Tensor, tuple] = {}  # the settings each parameter's state was checked against
+        # Per parameter, skips decided on the device (fused path) not yet counted in its state (step.ParamStep).
+        self._pending: dict[torch.Tensor, torch.Tensor] = {}
 
     def _register_params(self, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -117,6 +119,7 @@ class COAPAdamW(Optimizer):
             self._param_keys.setdefault(p, getattr(p, dist_.SEED_KEY_ATTR, len(self._param_keys)))
 
     def __getstate__(self) -> dict:
+        self.settle_skips()  # the copy's state counts every skip (its pending counters are not copied)
         if self._in_backward is not None:
             warnings.warn("copying/pickling an optimizer attached in-backward: the copy is detached and has no "
                           "partial accumulation (attach() it again)", stacklevel=2)
@@ -199,14 +202,21 @@ class COAPAdamW(Optimizer):
                                  f"param group ({e}). Settings that shape the state ({', '.join(LAYOUT_SETTINGS)}) "
                                  "cannot change after its first step; clear optimizer.state[p] to restart it") from None
         self._layouts[p] = layout
+        pending = self._pending.get(p)
+        if pending is None:
+            pending = self._pending[p] = torch.zeros((), dtype=torch.int32, device=dist_.local(p).device)
+        elif S.refresh_event(state["step"] + 1, group) is not None:
+            self._settle(state, pending)  # a refresh step by the host's count: count it exactly (one sync)
         return S.ParamStep(p, group, state, kind, backend_for(group["backend"], p.device), self._shards.get(p),
-                           self.quant_error_tracker)
+                           self.quant_error_tracker, pending)
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> bool:
         """One optimizer step for one parameter, all or nothing. Returns False if it was skipped (the
         gradient, or what the step would compute from it, is not finite; or QR/SVD failed): then the
-        parameter and its state are bit-identical to before, and the skip is counted."""
+        parameter and its state are bit-identical to before, and the skip is counted. On the fused (Triton)
+        path a non-refresh step decides that on the device, without a host sync: it returns True and the skip
+        is counted at the next refresh step or state read (``settle_skips``)."""
         S.check_grad(p, grad)
         return self._take_step(self.param_step(p, group), grad)
 
@@ -226,8 +236,24 @@ class COAPAdamW(Optimizer):
         for key, (shape, dtype, fill) in state_spec(p, group, kind).items():
             state[key] = torch.full(shape, fill, dtype=dtype, device=p.device)
 
-    def _count_skipped(self, state: dict, cause: Exception | None = None) -> None:
-        state["skipped"] += 1
+    def _settle(self, state: dict, pending: torch.Tensor) -> None:
+        """Fold a parameter's skips decided on the device into its state: they did not advance its step."""
+        count = int(pending)  # a host sync: only at refresh steps and when the state is read
+        if count:
+            pending.zero_()
+            state["step"] -= count
+            self._count_skipped(state, None, count)
+
+    def settle_skips(self) -> None:
+        """Count every skip decided on the device so far (the fused path defers that count to avoid a host sync
+        per step): ``state[p]["step"]`` / ``["skipped"]`` are then exact. Done by ``state_dict``,
+        ``skipped_steps``, the reports, copies and at refresh steps."""
+        for p, pending in self._pending.items():
+            if p in self.state:
+                self._settle(self.state[p], pending)
+
+    def _count_skipped(self, state: dict, cause: Exception | None = None, count: int = 1) -> None:
+        state["skipped"] += count
         why = "linalg" if isinstance(cause, torch.linalg.LinAlgError) else "nonfinite"
         if why not in self._warned:
             self._warned.add(why)
@@ -239,6 +265,7 @@ class COAPAdamW(Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Parameter steps skipped because the gradient (or its projection) was not finite."""
+        self.settle_skips()
         return sum(int(s.get("skipped", 0)) for s in self.state.values())
 
     # ------------------------------------------------------------------ in-backward
@@ -264,6 +291,7 @@ class COAPAdamW(Optimizer):
         table). ``names``: ``model.named_parameters()`` to label the rows."""
         from .accounting import memory_report
 
+        self.settle_skips()
         return memory_report(self, names)
 
     def quant_error_report(self, names=None) -> dict:
@@ -272,6 +300,7 @@ class COAPAdamW(Optimizer):
         subspace drift measured every K-th step}."""
         from .accounting import numerics_report
 
+        self.settle_skips()
         if names is not None and not isinstance(names, dict):
             names = dict(names)  # read twice below: a generator (model.named_parameters()) would be consumed
         out = {name: {"numerics": entry} for name, entry in numerics_report(self, names).items()}
@@ -285,6 +314,7 @@ class COAPAdamW(Optimizer):
         """torch.optim's state dict; for FSDP2 parameters the row-sharded moments are exported as fp32
         DTensors of their global shape (``checkpoint.export_sharded_state``), so that
         ``torch.distributed.checkpoint`` can load them into any world size. Everything else is as held."""
+        self.settle_skips()
         return ckpt.export_sharded(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -312,6 +342,7 @@ class COAPAdamW(Optimizer):
             raise
         _warn_replaced_settings(before["param_groups"], self.param_groups)
         self._layouts.clear()
+        self._pending.clear()  # the loaded state counts its own skips
 
 
 # Settings a checkpoint legitimately changes (schedulers move lr) or that do not change results.

@@ -1,11 +1,12 @@
 """Blockwise 8-bit quantization in pure PyTorch: the CPU path and the oracle of the Triton kernels in
-``coap8bit.kernels`` (same signatures). The format itself (code maps, midpoints, blocks, the second moment
+``coap8bit.kernels`` (same signatures). The format itself (code maps, rounding table, blocks, the second moment
 stored as √v on a zero-free map) is defined in ``coap8bit.format``.
 
 Rounding is to the nearest code, except that a non-zero value never becomes zero or changes sign under the
 signed map (the first moment's sign decides the update's direction, so losing it to rounding would flip a
-step). ``quantize_blockwise(..., noise=u)`` rounds stochastically instead, choosing between the two
-neighbouring codes with probability proportional to proximity; ``u`` is uniform in [0, 1) and supplied by
+step): a lookup in ``format.search_table`` by the value's fp32 bits and one comparison, no search.
+``quantize_blockwise(..., noise=u)`` rounds stochastically instead, choosing between the two neighbouring
+codes with probability proportional to proximity; ``u`` is uniform in [0, 1) and supplied by
 the caller so that randomness is seeded and reproducible.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from . import format as fmt
-from .format import QUANT_ZERO_SIGNED, code_map, code_midpoints, num_blocks
+from .format import QUANT_ZERO_SIGNED as QUANT_ZERO_SIGNED  # re-exported: tests and callers read it here
+from .format import SEARCH_CELL_SHIFT, code_map, num_blocks, search_table
 
 __all__ = [
     "quantize_blockwise",
@@ -36,6 +38,15 @@ def _blocked(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return flat.view(-1, block_size)
 
 
+def _nearest_codes(normed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 code of every element of ``normed`` (contiguous fp32) under the format's rounding."""
+    first, threshold = search_table(signed, normed.device)
+    # The cell is the pattern's top 16 bits read as unsigned: the arithmetic shift's sign bits masked off.
+    cell = (normed.view(torch.int32) >> SEARCH_CELL_SHIFT).bitwise_and_((1 << (32 - SEARCH_CELL_SHIFT)) - 1).view(-1)
+    above = threshold.index_select(0, cell).view(normed.shape) < normed
+    return first.index_select(0, cell).view(normed.shape).add_(above.view(torch.uint8))  # uint8: no conversion
+
+
 def quantize_blockwise(
     x: torch.Tensor,
     *,
@@ -54,22 +65,19 @@ def quantize_blockwise(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     device = x.device
     blocks = _blocked(x.to(torch.float32), block_size)
+    if not signed and blocks.numel() and bool(blocks.amin() < 0):
+        raise ValueError("the unsigned code map can only hold non-negative values")
     absmax = blocks.abs().amax(dim=1)
     # An all-zero block gets absmax 0; divide by 1 there (every code is 0 anyway).
     normed = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)
-    if not signed and bool((normed < 0).any()):
-        raise ValueError("the unsigned code map can only hold non-negative values")
-    code = code_map(signed, device)
-    if noise is None:
-        idx = torch.bucketize(normed, code_midpoints(signed, device))
-        if signed and fmt._SIGN_PRESERVING:
-            # Keep the sign of non-zero values: nearest code among those of the same sign.
-            zero = QUANT_ZERO_SIGNED
-            idx = torch.where((normed > 0) & (idx <= zero), zero + 1, idx)
-            idx = torch.where((normed < 0) & (idx >= zero), zero - 1, idx)
-    else:
+    idx = _nearest_codes(normed, signed)
+    if noise is not None:
+        code = code_map(signed, device)
         u = _blocked(noise.to(torch.float32), block_size)
-        low = (torch.bucketize(normed, code, right=True) - 1).clamp_(0, 254)
+        nearest = idx.long()
+        # The nearest code is one of the two around the value (the sign rule keeps it so): the lower one
+        # unless it lies above the value. Clamped as bucketize(normed, code, right=True) - 1 would be.
+        low = (nearest - (code[nearest] > normed).long()).clamp_(0, 254)
         c_low, c_high = code[low], code[low + 1]
         p_high = ((normed - c_low) / (c_high - c_low)).clamp_(0.0, 1.0)
         idx = low + (u < p_high).to(low.dtype)

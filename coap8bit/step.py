@@ -28,11 +28,13 @@ from . import functional as Fn
 from . import projection as proj
 from .bound import adam_update_bound
 from .dispatch import Backend
+from .format import HEADER_DECAY, HEADER_OK
 from .layout import MOMENT_RANK_DIM, Kind, matrix_layout, moment_block, tucker_ranks
 from .qstate import StateTensor, moments, projector
 
 __all__ = ["SkipStep", "check_grad", "refresh_event", "ParamStep", "StepObserver", "PendingProjector",
-           "LowRankGradient", "take_step", "project_gradient", "apply_lowrank", "rotate_moments"]
+           "LowRankGradient", "Verdict", "decide_step", "take_step", "project_gradient", "apply_lowrank",
+           "rotate_moments"]
 
 # Purposes mixed into derive_seed so that streams of different uses never coincide.
 SEED_INIT, SEED_PROJ_SR, SEED_PARAM_SR = 1, 2, 3
@@ -100,6 +102,9 @@ class ParamStep:
     backend: Backend
     shard: dist_.ParamShard | None = None
     observer: StepObserver | None = None
+    # Skips decided on the device and not yet counted on the host (0-dim int32 on the parameter's device; the
+    # optimizer folds them into state["step"] / ["skipped"] at refresh steps and whenever state is read).
+    pending: torch.Tensor | None = None
     _loaded: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -117,6 +122,13 @@ class ParamStep:
         if name not in self._loaded:
             self._loaded[name] = self.projector(name).load()
         return self._loaded[name]
+
+    def defers_skip(self, step: int) -> bool:
+        """Whether step ``step`` decides a skip on the device, without a host sync: the fused path, 8-bit
+        state, a parameter held whole (shards must agree on the host), and not a refresh step (refreshes
+        sync anyway; the optimizer settles pending skips before them, so their schedule stays exact)."""
+        return (self.backend.fused and self.pending is not None and self.shard is None and self.state["step"] > 0
+                and self.moments()[0].quantized and refresh_event(step, self.group) is None)
 
     @functools.cached_property
     def layout(self) -> proj.ProjLayout:
@@ -168,21 +180,63 @@ def moments_fit(ctx: ParamStep, g: torch.Tensor, step: int, ops=None) -> None:
     _require(bool(fits) if ops is None else ops.all_true(bool(fits), fits.device))
 
 
-def moment_update(ctx: ParamStep, g: torch.Tensor, step: int) -> torch.Tensor:
-    """Adam's moments updated in place with ``g``; returns the bounded normalized update N (fp32)."""
+@dataclasses.dataclass
+class Verdict:
+    """What :func:`decide_step` found: the 8-bit step's header (format.HEADER_*; None under fp32 state) and
+    the weight-decay factor to apply (a float, or the header's device slot when the skip is deferred)."""
+
+    header: torch.Tensor | None
+    decay: float | torch.Tensor
+
+
+def decide_step(ctx: ParamStep, g: torch.Tensor, step: int, ops=None) -> Verdict:
+    """Whether the step with (low-rank) gradient ``g`` may be taken: all or nothing, before anything is
+    written. On the host (SkipStep, one sync), or on the device when ``ctx.defers_skip(step)``: the header
+    then carries the verdict to the moment kernel and the weight update, and a skip is counted in
+    ``ctx.pending``. ``ops``: shards whose verdicts must agree (FSDP2)."""
+    group = ctx.group
+    beta1, beta2 = group["betas"]
+    decay = 1.0 - float(group["lr"]) * group["weight_decay"]
+    m, v = ctx.moments()
+    if not m.quantized:  # fp32 state (the ablation): the host check
+        moments_fit(ctx, g, step, ops)
+        return Verdict(None, decay)
+    defer = ctx.defers_skip(step)
+    header = ctx.backend.step_header(torch.linalg.vector_norm(g, float("inf")), m.absmax, v.absmax, ctx.pending,
+                                     step=step, beta1=beta1, beta2=beta2, bound=adam_update_bound(beta1, beta2, step),
+                                     decay=decay, defer=defer)
+    if not defer:
+        ok = bool(header[HEADER_OK])
+        _require(ok if ops is None else ops.all_true(ok, header.device))
+        return Verdict(header, decay)
+    # Deferred: N = 0 on a skip; decay needs the device's verdict only when there is a decay to gate.
+    return Verdict(header, header[HEADER_DECAY] if decay != 1.0 else decay)
+
+
+def moment_update(ctx: ParamStep, g: torch.Tensor, step: int, verdict: Verdict,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Adam's moments updated in place with ``g`` (unless the verdict is a deferred skip); returns the
+    bounded normalized update N (fp32; into ``out`` when given, which may be ``g``)."""
     beta1, beta2 = ctx.group["betas"]
-    hyper = dict(beta1=beta1, beta2=beta2, eps=ctx.group["eps"], step=step,
-                 bound=adam_update_bound(beta1, beta2, step), numerics=ctx.state["numerics"])
     m, v = ctx.moments()
     token = ctx.observer.moments_before(ctx, step) if ctx.observer is not None else None
     if m.quantized:
-        N = ctx.backend.moment_update_8bit(g, m.codes, m.absmax, v.codes, v.absmax, block_size=ctx.block_size,
-                                           **hyper)
+        N = ctx.backend.moment_update_8bit(g, m.codes, m.absmax, v.codes, v.absmax, beta1=beta1, beta2=beta2,
+                                           eps=ctx.group["eps"], block_size=ctx.block_size, header=verdict.header,
+                                           numerics=ctx.state["numerics"], out=out)
     else:
-        N = Fn.moment_update_32bit(g, m.load(), v.load(), **hyper)
+        N = Fn.moment_update_32bit(g, m.load(), v.load(), beta1=beta1, beta2=beta2, eps=ctx.group["eps"], step=step,
+                                   bound=adam_update_bound(beta1, beta2, step), numerics=ctx.state["numerics"])
     if token is not None:
         ctx.observer.moments_after(ctx, token, g, step)
     return N
+
+
+def _scratch(ctx: ParamStep, t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` itself as the destination of N when the step owns it (an fp32 temporary nobody reads after the
+    moment update: N is written over it, saving an a×r buffer), else None."""
+    owned = ctx.observer is None and t.dtype == torch.float32 and t.is_contiguous()
+    return t if owned else None
 
 
 def rotate_moments(ctx: ParamStep, C: torch.Tensor, dim: int) -> None:
@@ -284,17 +338,18 @@ def project_gradient(ctx: ParamStep, grad: torch.Tensor, step: int, *, refresh: 
 
 def apply_lowrank(ctx: ParamStep, lowrank: LowRankGradient, step: int) -> None:
     """Commit a pending projector, update the moments with the low-rank gradient S, then
-    W <- (1-lr·wd) W - lr·scale · N P. Raises SkipStep, with nothing written, when the moments would not
-    stay finite (a non-finite S included)."""
+    W <- (1-lr·wd) W - lr·scale · N P. Nothing is written when the moments would not stay finite (a
+    non-finite S included): SkipStep, or on the fused path a skip decided on the device (see
+    :func:`decide_step`). S is overwritten by N."""
     group, layout, ops = ctx.group, ctx.layout, ctx.ops
-    moments_fit(ctx, lowrank.S, step, ops)
+    verdict = decide_step(ctx, lowrank.S, step, ops)
     if lowrank.pending is not None:
         commit_projector(ctx, lowrank.pending, step)
-    N = moment_update(ctx, lowrank.S, step)
+    N = moment_update(ctx, lowrank.S, step, verdict, out=_scratch(ctx, lowrank.S))
     # FSDP2: this shard's rows of W (right) or its columns of canonical Wᵀ with P's matching columns (left).
     Fn.apply_matrix_update_(proj.canonical(dist_.local(ctx.p), layout), N, ops.cols(lowrank.P), lr=group["lr"],
                             weight_decay=group["weight_decay"], scale=group["scale"],
-                            sr_seed=ctx.param_sr_seed(step))
+                            sr_seed=ctx.param_sr_seed(step), decay=verdict.decay)
 
 
 def _step_matrix(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
@@ -323,25 +378,27 @@ def _step_tucker(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
         factors.append(U)
     U0, U1 = factors
     core = torch.einsum("oikl,ao,bi->abkl", G, U0, U1)
-    moments_fit(ctx, core, step)
+    verdict = decide_step(ctx, core, step)
     for pending in pendings:
         commit_projector(ctx, pending, step)
-    N = moment_update(ctx, core, step)
+    N = moment_update(ctx, core, step, verdict, out=_scratch(ctx, core))
     full = torch.einsum("abkl,ao,bi->oikl", N, U0, U1).mul_(group["scale"])
     Fn.apply_dense_update_(ctx.p, full, lr=group["lr"], weight_decay=group["weight_decay"],
-                           sr_seed=ctx.param_sr_seed(step))
+                           sr_seed=ctx.param_sr_seed(step), decay=verdict.decay)
 
 
 def _step_dense(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
     group = ctx.group
     p, grad = dist_.local(ctx.p), dist_.local(grad)  # FSDP2: Adam is elementwise, so the shard steps alone
-    moments_fit(ctx, grad, step, ctx.shard)  # ... but all ranks skip together: shards' step counts stay equal
+    # ... but all ranks skip together: shards' step counts stay equal.
+    verdict = decide_step(ctx, grad, step, ctx.shard)
     sr_seed = ctx.param_sr_seed(step)
     if _DENSE8_BNB_FUSED and ctx.kind == Kind.DENSE8 and sr_seed is None and p.is_contiguous() and grad.is_contiguous():
         _bnb_fused_dense8(ctx, p, grad, step)  # ablation only
         return
-    N = moment_update(ctx, grad.to(torch.float32), step)
-    Fn.apply_dense_update_(p, N, lr=group["lr"], weight_decay=group["weight_decay"], sr_seed=sr_seed)
+    N = moment_update(ctx, grad, step, verdict)  # (the gradient is the caller's: N gets its own buffer)
+    Fn.apply_dense_update_(p, N, lr=group["lr"], weight_decay=group["weight_decay"], sr_seed=sr_seed,
+                           decay=verdict.decay)
 
 
 def _bnb_fused_dense8(ctx: ParamStep, p: torch.Tensor, grad: torch.Tensor, step: int) -> None:

@@ -114,11 +114,20 @@ def test_moment_kernel_matches_twin_bf16_gradient(shape):
 
 
 def test_moment_kernel_hyperparameters_are_runtime_arguments():
-    """Changing beta/eps/step must not recompile (an lr or beta schedule would recompile every step)."""
-    params = inspect.signature(KM._moment_update_8bit_kernel.fn).parameters
-    constexprs = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
-    assert constexprs == {"BLOCK"}
-    assert {"beta1", "beta2", "eps", "bias_correction1", "bias_correction2"} <= set(params)
+    """Changing beta/eps/step must not recompile (an lr or beta schedule would recompile every step): they are
+    runtime arguments of both kernels, the step's bias corrections and bound are read from the step header, and
+    the header kernel's step number and verdict mode are not specialized (Triton would specialize an int equal
+    to 1)."""
+    for kernel, runtime in ((KM._moment_update_8bit_kernel, {"beta1", "beta2", "eps", "header_ptr"}),
+                            (KM._step_header_kernel, {"beta1", "beta2", "bias_correction1", "bias_correction2",
+                                                      "bound", "decay", "step", "defer"})):
+        params = inspect.signature(kernel.fn).parameters
+        constexprs = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+        assert constexprs == {"BLOCK"}
+        assert runtime <= set(params)
+    kernel = KM._step_header_kernel  # a JITFunction on a GPU, an InterpretedFunction (keeping jit's kwargs) here
+    not_specialized = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
+    assert {"step", "defer"} <= {kernel.arg_names[i] if isinstance(i, int) else i for i in not_specialized}
 
 
 def test_moment_kernel_nonfinite_gradient_propagates_like_twin():

@@ -209,8 +209,8 @@ def test_demo_run_every_update_within_the_bound(monkeypatch):
     seen = {"calls": 0, "worst": 0.0}
     inner = coap8bit.step.moment_update
 
-    def observed(ctx, g, step):
-        N = inner(ctx, g, step)
+    def observed(ctx, g, step, *args, **kwargs):
+        N = inner(ctx, g, step, *args, **kwargs)
         seen["calls"] += 1
         seen["worst"] = max(seen["worst"], float(N.abs().max()) / adam_update_bound(*ctx.group["betas"], step))
         return N
@@ -270,14 +270,21 @@ KINDS = ["matrix", "dense8", "dense32", "tucker"]  # the parameters of _params()
 HUGE = [(v, i) for v in (1e30, 3e38, float("inf"), float("nan")) for i in range(4)] + [(2e19, 1), (2e19, 2)]
 
 
-@pytest.mark.parametrize("cls", [coap8bit.AdamW8bit, coap8bit.AdamW])
-@pytest.mark.parametrize("value,index", HUGE, ids=[f"{v:g}-{KINDS[i]}" for v, i in HUGE])
+# The fused path (backend "triton", interpreted here) decides a non-refresh step's skip on the device and
+# counts it when the state is next read (state_dict, skipped_steps): the same outcome, seen a little later.
+# (Interpreted kernels are slow: there, one overflowing and one non-finite value per kind.)
+CASES = ([(cls, "torch", v, i) for cls in (coap8bit.AdamW8bit, coap8bit.AdamW) for v, i in HUGE]
+         + [(coap8bit.AdamW8bit, "triton", v, i) for v, i in HUGE if v in (3e38, float("inf"))])
+
+
+@pytest.mark.parametrize("cls,backend,value,index", CASES,
+                         ids=[f"{c.__name__}-{b}-{v:g}-{KINDS[i]}" for c, b, v, i in CASES])
 @pytest.mark.parametrize("at_step", [0, 3, 5])  # 0: first step (initial projector); 5: an SGD refresh step
-def test_huge_or_nonfinite_gradient_is_a_counted_skip_with_nothing_written(cls, value, index, at_step):
+def test_huge_or_nonfinite_gradient_is_a_counted_skip_with_nothing_written(cls, backend, value, index, at_step):
     """One parameter's gradient gets one huge or non-finite entry: that parameter's step is skipped and
     counted, its weights and state bit-identical; every other parameter steps as usual; no NaN anywhere."""
     params = _params()
-    opt = cls(params, lr=1e-2, min_proj_size=256, update_interval=5, reproject_factor=2)
+    opt = cls(params, lr=1e-2, min_proj_size=256, update_interval=5, reproject_factor=2, backend=backend)
     assert [opt.param_kind(p, opt.param_groups[0]) for p in params] == (
         ["matrix", "dense8" if cls is coap8bit.AdamW8bit else "dense32", "dense32", "tucker"])
     for t in range(at_step):
@@ -287,7 +294,7 @@ def test_huge_or_nonfinite_gradient_is_a_counted_skip_with_nothing_written(cls, 
     grads[index].view(-1)[0] = value
     with pytest.warns(UserWarning, match="skipped"):
         _step_with(opt, params, grads)
-    after = _snapshot(opt, params)
+        after = _snapshot(opt, params)  # (a deferred skip is counted here, when the state is read)
     assert all(bool(torch.isfinite(p).all()) for p in params)
     states = list(opt.state.values())
     assert [s["step"] for s in states] == [at_step if i == index else at_step + 1 for i in range(len(params))]

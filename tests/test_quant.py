@@ -1,9 +1,12 @@
-"""Blockwise 8-bit quantization against a brute-force nearest-code oracle."""
+"""Blockwise 8-bit quantization against a brute-force nearest-code oracle, and its table lookup against the
+binary search it replaced, on every value where either could change its answer."""
 import pytest
 import torch
+from coap8bit.kernels import quant as KQ
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coap8bit import format as fmt
 from coap8bit.quant import QUANT_ZERO_SIGNED, code_map, dequantize_blockwise, num_blocks, quantize_blockwise
 
 
@@ -129,3 +132,113 @@ def test_property_roundtrip_bound(n, block_pow, signed, scale):
     assert torch.all((back - x).abs() <= per_elem * (max_gap / 2) * (1 + 1e-5) + 1e-30)
     if signed:  # sign preservation: no non-zero value dequantizes to 0 or the opposite sign
         assert torch.all(torch.sign(back) == torch.sign(x))
+
+
+# ------------------------------------------------------------------------------------------ rounding table
+def searched_codes(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The rounding of coap8bit 0.1.0 to 0.2: binary search over the midpoints between codes (ties go down),
+    then, under the signed map, a non-zero value moved off the zero code to the nearest code of its sign."""
+    code = code_map(signed)
+    idx = torch.bucketize(x, (code[1:] + code[:-1]) * 0.5)
+    if signed:
+        idx = torch.where((x > 0) & (idx <= QUANT_ZERO_SIGNED), QUANT_ZERO_SIGNED + 1, idx)
+        idx = torch.where((x < 0) & (idx >= QUANT_ZERO_SIGNED), QUANT_ZERO_SIGNED - 1, idx)
+    return idx
+
+
+def searched_stochastic_codes(x: torch.Tensor, u: torch.Tensor, signed: bool) -> torch.Tensor:
+    """0.1.0's stochastic rounding: the codes around x by binary search, the upper one if u < proximity."""
+    code = code_map(signed)
+    low = (torch.bucketize(x, code, right=True) - 1).clamp(0, 254)
+    p_high = ((x - code[low]) / (code[low + 1] - code[low])).clamp(0.0, 1.0)
+    return low + (u < p_high).long()
+
+
+def fp32(bits: torch.Tensor) -> torch.Tensor:
+    """fp32 values of 32-bit patterns held in int64."""
+    return torch.where(bits < 2**31, bits, bits - 2**32).to(torch.int32).view(torch.float32)
+
+
+def in_range(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The map's range: [-1, 1] signed, [0, 1] unsigned (-0.0 included: √ of a -0.0 second moment)."""
+    return x[(x >= (-1.0 if signed else 0.0)) & (x <= 1.0)]
+
+
+def breakpoints(signed: bool) -> torch.Tensor:
+    """Every value in the map's range where the table lookup or the search can change its answer, and its
+    neighbours. The lookup is monotone within a cell (the 2^16 values sharing their top 16 bits) and steps
+    only at a rounding threshold; the search steps only at a midpoint (and, by the sign rule, between 0 and
+    the smallest subnormals). So on each piece of a cell between consecutive midpoints both are constant, and
+    they agree everywhere iff they agree at both ends of every cell and on both sides of every midpoint and of
+    ±0 — these points. Codes and their neighbours, the ends of the subnormal range and 1.0 are added."""
+    cell_start = torch.arange(1 << (32 - fmt.SEARCH_CELL_SHIFT), dtype=torch.int64) << fmt.SEARCH_CELL_SHIFT
+    cell_ends = fp32(torch.cat([cell_start, cell_start + (1 << fmt.SEARCH_CELL_SHIFT) - 1]))
+    code = code_map(signed)
+    specials = fp32(torch.tensor([0, 1, 0x007FFFFF, 0x00800000, 0x3F7FFFFF, 0x3F800000]))
+    steps = torch.cat([(code[1:] + code[:-1]) * 0.5, code, specials, -specials])
+    points = torch.cat([cell_ends, steps, torch.nextafter(steps, torch.tensor(-torch.inf)),
+                        torch.nextafter(steps, torch.tensor(torch.inf))])
+    return in_range(points, signed)
+
+
+def strided_sweep(signed: bool, stride: int = 509) -> torch.Tensor:
+    """Every ``stride``-th fp32 pattern from +0 to 1.0 (2.1M values; and their negatives under the signed map):
+    a check of the argument in :func:`breakpoints` that assumes nothing about where the steps lie."""
+    positive = fp32(torch.arange(0, 0x3F800001, stride, dtype=torch.int64))
+    return torch.cat([positive, -positive]) if signed else positive
+
+
+def quantize_normed(x: torch.Tensor, signed: bool, backend: str, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes of ``x`` itself: each block of 4096 holds x's values after a leading 1.0 (so absmax is 1 and the
+    normalizing division is exact), through the torch path or the Triton kernel."""
+    per_block = 4095
+    rows = -(-x.numel() // per_block)
+    padded = torch.zeros(rows * per_block)
+    padded[: x.numel()] = x
+    blocks = torch.cat([torch.ones(rows, 1), padded.view(rows, per_block)], dim=1)
+    if noise is not None:
+        noise = torch.cat([torch.zeros(rows, 1), torch.cat([noise, padded.new_zeros(rows * per_block - x.numel())])
+                           .view(rows, per_block)], dim=1)
+    quantize = quantize_blockwise if backend == "torch" else KQ.quantize_blockwise
+    codes, absmax = quantize(blocks, signed=signed, block_size=4096, noise=noise)
+    assert torch.all(absmax == 1.0)
+    return codes[:, 1:].reshape(-1)[: x.numel()].long()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("backend, points", [("torch", breakpoints), ("torch", strided_sweep),
+                                             ("triton", breakpoints)])
+def test_rounding_table_equals_search_everywhere(signed, backend, points):
+    # Exact: the table is a rewrite of the search, not an approximation of it.
+    x = points(signed)
+    got = quantize_normed(x, signed, backend)
+    want = searched_codes(x, signed)
+    wrong = (got != want).nonzero().view(-1)
+    assert wrong.numel() == 0, (f"{wrong.numel()} of {x.numel()} values round differently, e.g. "
+                                f"{x[wrong[:4]].tolist()}: {got[wrong[:4]].tolist()} instead of {want[wrong[:4]].tolist()}")
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("noise", ["zero", "below_one", "uniform"])
+def test_stochastic_rounding_equals_search_everywhere(signed, backend, noise):
+    # Exact. u = 0 takes the upper code whenever x lies above the lower one, u just below 1 the lower code
+    # unless x is the upper one: so the two codes around every breakpoint are both checked.
+    x = breakpoints(signed)
+    u = {"zero": torch.zeros_like(x), "below_one": torch.full_like(x, 1.0 - 2**-24),
+         "uniform": torch.rand(x.shape, generator=torch.Generator().manual_seed(0))}[noise]
+    got = quantize_normed(x, signed, backend, noise=u)
+    want = searched_stochastic_codes(x, u, signed)
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {x.numel()} values round differently"
+
+
+def test_rounding_table_refuses_cells_too_coarse(monkeypatch):
+    # 6 mantissa bits per cell put two midpoints of the unsigned map's top decade (spacing 0.9/128) into cells
+    # of width 1/128: the table builder must refuse rather than round wrongly.
+    monkeypatch.setattr(fmt, "SEARCH_CELL_SHIFT", fmt.SEARCH_CELL_SHIFT + 1)
+    fmt._search_table_cpu.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="two rounding thresholds"):
+            fmt._search_table_cpu(False, False, True)
+    finally:
+        fmt._search_table_cpu.cache_clear()
