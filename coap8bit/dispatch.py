@@ -19,7 +19,7 @@ import torch
 from . import functional as Fn
 from . import quant as Q
 
-__all__ = ["BACKENDS", "Backend", "backend_for", "use_triton", "moment_update_8bit", "step_header",
+__all__ = ["BACKENDS", "Backend", "backend_for", "use_triton", "moment_update_8bit", "step_header", "weight_update_",
            "quantize_blockwise", "dequantize_blockwise"]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -59,13 +59,16 @@ def _kernel_module(name: str):
     decides when a @triton.jit function is defined, i.e. when this module is first imported)."""
     if name == "moments":
         from .kernels import moments as module
+    elif name == "update":
+        from .kernels import update as module
     else:
         from .kernels import quant as module
     if _interpret_requested():
         from triton.runtime.interpreter import InterpretedFunction
 
-        kernel = module._moment_update_8bit_kernel if name == "moments" else module._quantize_blockwise_kernel
-        if not isinstance(kernel, InterpretedFunction):
+        kernel = {"moments": "_moment_update_8bit_kernel", "update": "_weight_update_kernel"}.get(
+            name, "_quantize_blockwise_kernel")
+        if not isinstance(getattr(module, kernel), InterpretedFunction):
             raise RuntimeError(
                 "TRITON_INTERPRET=1 was set after coap8bit's Triton kernels were first imported, so they were "
                 "compiled for a GPU; set it before Python starts."
@@ -87,6 +90,14 @@ def step_header(backend: str, device: torch.device | str) -> Callable[..., torch
     if not use_triton(backend, device):
         return Fn.step_header
     return _kernel_module("moments").step_header
+
+
+def weight_update_(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """The fused low-precision weight update for ``backend`` on ``device`` (signature of
+    :func:`coap8bit.functional.weight_update_`)."""
+    if not use_triton(backend, device):
+        return Fn.weight_update_
+    return _kernel_module("update").weight_update_
 
 
 def quantize_blockwise(backend: str, device: torch.device | str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -116,13 +127,15 @@ class Backend:
     dequantize: Callable[..., torch.Tensor]
     moment_update_8bit: Callable[..., torch.Tensor]
     step_header: Callable[..., torch.Tensor]
+    weight_update_: Callable[..., torch.Tensor]
     fused: bool
 
 
 @functools.lru_cache(maxsize=None)
 def _backend(backend: str, device: torch.device, interpret: bool) -> Backend:
     return Backend(backend, quantize_blockwise(backend, device), dequantize_blockwise(backend, device),
-                   moment_update_8bit(backend, device), step_header(backend, device), use_triton(backend, device))
+                   moment_update_8bit(backend, device), step_header(backend, device),
+                   weight_update_(backend, device), use_triton(backend, device))
 
 
 def backend_for(backend: str, device: torch.device | str) -> Backend:

@@ -43,6 +43,7 @@ __all__ = [
     "HEADER_BOUND",
     "HEADER_DECAY",
     "HEADER_SIZE",
+    "split_seed",
 ]
 
 # Version of the 8-bit state format, stored in every parameter's state as "format". 1: coap8bit 0.1.0
@@ -181,3 +182,16 @@ def new_numerics(device: torch.device) -> torch.Tensor:
 # kernel and the weight update read it, so that a skip decided on the device needs no host sync.
 HEADER_OK, HEADER_BC1, HEADER_BC2, HEADER_BOUND, HEADER_DECAY = 0, 1, 2, 3, 4
 HEADER_SIZE = 5
+
+
+# Stochastic rounding's random bits are a hash of (seed, element index), computed alike by the torch path
+# (functional.rounding_noise) and the Triton kernel (kernels/update.py). The seed enters as two 31-bit halves:
+# Triton types an int argument i32 below 2^31 and i64 above, and a value-dependent signature would compile
+# the kernel twice.
+_HALF_SEED = 31
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """The two 31-bit halves of a seed (its low 62 bits) the rounding hash mixes in."""
+    mask = (1 << _HALF_SEED) - 1
+    return seed & mask, (seed >> _HALF_SEED) & mask

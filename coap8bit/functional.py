@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from . import projection
 from .bound import adam_update_bound
-from .format import HEADER_DECAY, NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N
+from .format import HEADER_DECAY, NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N, split_seed
 from .projection import row_blocks
 from .quant import (
     dequantize_blockwise,
@@ -27,6 +26,8 @@ __all__ = [
     "step_header",
     "moment_update_32bit",
     "stochastic_round_",
+    "rounding_noise",
+    "weight_update_",
     "apply_matrix_update_",
     "apply_dense_update_",
 ]
@@ -168,32 +169,72 @@ def step_header(
     return header
 
 
-def stochastic_round_(
-    dst: torch.Tensor, src: torch.Tensor, seed: int | None = None, *, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Copy fp32 ``src`` into bf16 ``dst`` with stochastic rounding: add uniform random bits below
-    bf16's mantissa to the fp32 bit pattern, then truncate. E[dst] = src, so many updates smaller than
-    half a bf16 ulp still move the weight in expectation (round-to-nearest would drop them all).
-    Randomness comes from ``generator`` or a generator seeded with ``seed`` on dst's device: reproducible,
-    no global RNG. Other dtypes: plain copy (round to nearest)."""
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on uint32 values held in int64 (products wrap mod 2^64; the mask keeps the low 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def rounding_noise(seed: int, offset: int, n: int, device: torch.device) -> torch.Tensor:
+    """16 random bits (int64 in [0, 2^16)) for elements offset … offset+n-1 of a weight: a counter-based
+    hash of (seed, element index), the same bits as the Triton kernel draws (kernels/update.py)."""
+    lo, hi = split_seed(seed)
+    index = torch.arange(offset, offset + n, dtype=torch.int64, device=device) & 0xFFFFFFFF
+    return _hash32((_hash32(index ^ lo) + hi) & 0xFFFFFFFF) >> 16
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+    """Copy fp32 ``src`` into bf16 ``dst`` (contiguous) with stochastic rounding: add 16 random bits below
+    bf16's mantissa to the fp32 bit pattern, then truncate. E[dst] = src, so many updates smaller than half a
+    bf16 ulp still move the weight in expectation (round-to-nearest would drop them all). The bits come from
+    ``rounding_noise(seed, offset, …)``: reproducible, no generator state, independent of how a weight is cut
+    into blocks. Other dtypes: plain copy (round to nearest)."""
     if dst.dtype != torch.bfloat16:
         dst.copy_(src)
         return dst
-    if generator is None:
-        if seed is None:
-            raise ValueError("stochastic_round_ needs a seed or a generator")
-        generator = torch.Generator(device=src.device).manual_seed(seed)
-    bits = src.to(torch.float32).contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, device=src.device, dtype=torch.int32)
-    rounded = noise.add_(bits).bitwise_and_(-65536).view(torch.float32)
-    dst.copy_(rounded)
+    bits = src.to(torch.float32).contiguous().view(torch.int32).to(torch.int64).view(-1) & 0xFFFFFFFF
+    rounded = ((bits + rounding_noise(seed, offset, bits.numel(), src.device)) & 0xFFFF0000).to(torch.int32)
+    dst.copy_(rounded.view(torch.float32).view(dst.shape))
     return dst
 
 
-def _sr_generator(W: torch.Tensor, sr_seed: int | None) -> torch.Generator | None:
-    if W.dtype == torch.bfloat16 and sr_seed is not None:
-        return torch.Generator(device=W.device).manual_seed(sr_seed)
-    return None
+def weight_update_(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    decay: float | torch.Tensor,
+    alpha: float,
+    sr_seed: int | None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """``w`` (bf16/fp16, contiguous) <- round(decay·w + alpha·u) in place: the sum in fp32 (a multiply, then an
+    add), then stochastic rounding (bf16 with ``sr_seed``; ``offset``: w's first element's index in the whole
+    weight) or round-to-nearest. Torch twin of ``kernels.update.weight_update_``; works through chunks of
+    ``_TWIN_CHUNK`` elements so that its fp32 and int64 temporaries stay small whatever the block (the kernel
+    has none)."""
+    flat_w, flat_u = w.view(-1), u.reshape(-1)
+    for chunk in row_blocks(flat_w.numel(), 1, max_elems=_TWIN_CHUNK):
+        x = flat_w[chunk].to(torch.float32).mul_(decay)
+        x += flat_u[chunk].to(torch.float32) * alpha  # (out of place: an fp32 u is the caller's N)
+        if sr_seed is not None and w.dtype == torch.bfloat16:
+            stochastic_round_(flat_w[chunk], x, sr_seed, offset + chunk.start)
+        else:
+            flat_w[chunk].copy_(x)
+    return w
+
+
+_TWIN_CHUNK = 1 << 20
+
+
+def _memory_order(W: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(W's contiguous storage order, whether that is W's transpose): a left-projected weight's canonical view
+    is the transpose of its contiguous tensor, and the update is written in memory order."""
+    if W.is_contiguous() or not W.mT.is_contiguous():
+        return W, False
+    return W.mT, True
 
 
 def apply_matrix_update_(
@@ -206,16 +247,18 @@ def apply_matrix_update_(
     scale: float,
     sr_seed: int | None,
     decay: float | torch.Tensor | None = None,
+    update_=weight_update_,
 ) -> None:
     """W <- (1 - lr·wd) W - lr·scale · N P, on the canonical (a×b) view of the weight. ``decay``, when given,
     replaces 1 - lr·wd (a 0-dim device tensor: the factor a step decided on the device applies, 1 if skipped).
 
     fp32 weights: one fused addmm_. Other dtypes (bf16/fp16): the product N P is a GEMM in the weight's own
     dtype — tensor cores on a GPU; an fp32 GEMM of these shapes is ~10x slower there — whose relative
-    rounding (2^-9 for bf16) is far below the update's own noise; the decayed weight plus update is then
-    formed in fp32 one block of rows at a time (``projection.row_blocks``: at most 64 MiB of fp32
-    temporaries whatever the layer) and written back with stochastic rounding (bf16 with ``sr_seed``; one
-    generator stream across the blocks) or round-to-nearest."""
+    rounding (2^-9 for bf16) is far below the update's own noise, one block of W's rows in memory order at a
+    time (``projection.row_blocks``: at most WORKSPACE_ELEMS elements of U whatever the layer; a left-projected
+    weight's rows are the canonical columns, U's block is Pᵀ Nᵀ), then ``update_`` (``weight_update_`` or its
+    Triton twin) forms decay·W + alpha·U in fp32 and rounds it back (stochastically for bf16 with
+    ``sr_seed``)."""
     decay = 1.0 - lr * weight_decay if decay is None else decay
     alpha = -lr * scale
     if W.dtype in (torch.float32, torch.float64):  # in the weight's own precision: fp64 keeps its digits
@@ -224,16 +267,18 @@ def apply_matrix_update_(
             decay = 1.0
         W.addmm_(N.to(W.dtype), P.to(W.dtype), beta=decay, alpha=alpha)
         return
-    P_w = P.to(W.dtype)
-    gen = _sr_generator(W, sr_seed)
-    # Three fp32-sized temporaries per block (new rows, noise, bits): keep each block a third of the budget.
-    for rows in row_blocks(*W.shape, max_elems=projection.WORKSPACE_ELEMS // 3):
-        update = N[rows].to(W.dtype) @ P_w
-        block = W[rows].to(torch.float32).mul_(decay).add_(update, alpha=alpha)
-        if gen is not None:
-            stochastic_round_(W[rows], block, generator=gen)
-        else:
-            W[rows].copy_(block)
+    stored, transposed = _memory_order(W)
+    N_w, P_w = N.to(W.dtype), P.to(W.dtype)
+    if not stored.is_contiguous():  # (a strided view that is neither: update a contiguous copy)
+        work = stored.contiguous()
+        apply_matrix_update_(work.mT if transposed else work, N, P, lr=lr, weight_decay=weight_decay, scale=scale,
+                             sr_seed=sr_seed, decay=decay, update_=update_)
+        stored.copy_(work)
+        return
+    rows_total, cols = stored.shape
+    for rows in row_blocks(rows_total, cols):
+        U = P_w[:, rows].mT @ N_w.mT if transposed else N_w[rows] @ P_w
+        update_(stored[rows], U, decay=decay, alpha=alpha, sr_seed=sr_seed, offset=rows.start * cols)
 
 
 def apply_dense_update_(
@@ -244,11 +289,12 @@ def apply_dense_update_(
     weight_decay: float,
     sr_seed: int | None,
     decay: float | torch.Tensor | None = None,
+    update_=weight_update_,
 ) -> None:
     """W <- (1 - lr·wd) W - lr · N for an unprojected tensor (N fp32, shaped like W); fp32/fp64 weights in
     their own precision, others in bounded fp32 chunks with stochastic rounding (bf16) or round-to-nearest.
-    A non-contiguous W (channels_last, a strided view) is updated through a contiguous copy of it. ``decay``:
-    as in :func:`apply_matrix_update_`."""
+    A non-contiguous W (channels_last, a strided view) is updated through a contiguous copy of it. ``decay``,
+    ``update_``: as in :func:`apply_matrix_update_`."""
     decay = 1.0 - lr * weight_decay if decay is None else decay
     if W.dtype in (torch.float32, torch.float64):
         if not (isinstance(decay, float) and decay == 1.0):
@@ -257,14 +303,9 @@ def apply_dense_update_(
         return
     if not W.is_contiguous():
         work = W.contiguous()
-        apply_dense_update_(work, N, lr=lr, weight_decay=weight_decay, sr_seed=sr_seed, decay=decay)
+        apply_dense_update_(work, N, lr=lr, weight_decay=weight_decay, sr_seed=sr_seed, decay=decay, update_=update_)
         W.copy_(work)
         return
-    gen = _sr_generator(W, sr_seed)
     flat_w, flat_n = W.view(-1), N.reshape(-1)
-    for chunk in row_blocks(flat_w.numel(), 1, max_elems=projection.WORKSPACE_ELEMS // 3):
-        block = flat_w[chunk].to(torch.float32).mul_(decay).add_(flat_n[chunk], alpha=-lr)
-        if gen is not None:
-            stochastic_round_(flat_w[chunk], block, generator=gen)
-        else:
-            flat_w[chunk].copy_(block)
+    for chunk in row_blocks(flat_w.numel(), 1):
+        update_(flat_w[chunk], flat_n[chunk], decay=decay, alpha=-lr, sr_seed=sr_seed, offset=chunk.start)

@@ -117,11 +117,18 @@ class ParamStep:
     def projector(self, name: str) -> StateTensor:
         return projector(self.state, name, self.block_size, self.backend)
 
-    def load_projector(self, name: str) -> torch.Tensor:
-        """The fp32 projector, dequantized once per step (the fp32 state's own tensor under fp32)."""
-        if name not in self._loaded:
-            self._loaded[name] = self.projector(name).load()
-        return self._loaded[name]
+    def load_projector(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The projector in ``dtype``, dequantized once per step and dtype (fp32: the fp32 state's own tensor
+        under fp32; a bf16 gradient's GEMMs take it dequantized straight to bf16, one pass)."""
+        key = (name, dtype)
+        if key not in self._loaded:
+            view, fp32 = self.projector(name), self._loaded.get((name, torch.float32))
+            if fp32 is not None or not view.quantized or dtype == torch.float32:
+                self._loaded[key] = (view.load() if fp32 is None else fp32).to(dtype)
+            else:
+                self._loaded[key] = self.backend.dequantize(view.codes, view.absmax, signed=True,
+                                                            block_size=self.block_size, dtype=dtype)
+        return self._loaded[key]
 
     def defers_skip(self, step: int) -> bool:
         """Whether step ``step`` decides a skip on the device, without a host sync: the fused path, 8-bit
@@ -276,7 +283,8 @@ def commit_projector(ctx: ParamStep, pending: PendingProjector, step: int) -> No
         view.store(pending.P)
     else:
         view.store_quantized(pending.codes, pending.absmax)
-    ctx._loaded[pending.name] = pending.P
+    ctx._loaded = {key: t for key, t in ctx._loaded.items() if key[0] != pending.name}  # stale copies of P_old
+    ctx._loaded[(pending.name, torch.float32)] = pending.P
     if ctx.group["rotate_moments"] and P_old is not None:
         rotate_moments(ctx, proj.rotation(P_old, pending.P), dim=MOMENT_RANK_DIM[pending.name])
     if ctx.observer is not None:
@@ -325,8 +333,9 @@ def project_gradient(ctx: ParamStep, grad: torch.Tensor, step: int, *, refresh: 
         _require(ops.all_finite(G))
         pending = refresh_projector(ctx, G, None, None, 1, "proj", layout.rank, ops)
         P = pending.P
-    elif P is None:
-        P = ctx.load_projector("proj")
+    elif P is None:  # fp32 for the refresh math when one is due, else in the GEMM's dtype
+        due = refresh and refresh_event(step, ctx.group) is not None
+        P = ctx.load_projector("proj", torch.float32 if due else G.dtype)
     S = ops.lowrank(G, P)
     if refresh and ctx.state["step"] > 0:
         pending = refresh_projector(ctx, G, S, P, step, "proj", layout.rank, ops)
@@ -349,7 +358,7 @@ def apply_lowrank(ctx: ParamStep, lowrank: LowRankGradient, step: int) -> None:
     # FSDP2: this shard's rows of W (right) or its columns of canonical Wᵀ with P's matching columns (left).
     Fn.apply_matrix_update_(proj.canonical(dist_.local(ctx.p), layout), N, ops.cols(lowrank.P), lr=group["lr"],
                             weight_decay=group["weight_decay"], scale=group["scale"],
-                            sr_seed=ctx.param_sr_seed(step), decay=verdict.decay)
+                            sr_seed=ctx.param_sr_seed(step), decay=verdict.decay, update_=ctx.backend.weight_update_)
 
 
 def _step_matrix(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
@@ -384,7 +393,7 @@ def _step_tucker(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
     N = moment_update(ctx, core, step, verdict, out=_scratch(ctx, core))
     full = torch.einsum("abkl,ao,bi->oikl", N, U0, U1).mul_(group["scale"])
     Fn.apply_dense_update_(ctx.p, full, lr=group["lr"], weight_decay=group["weight_decay"],
-                           sr_seed=ctx.param_sr_seed(step), decay=verdict.decay)
+                           sr_seed=ctx.param_sr_seed(step), decay=verdict.decay, update_=ctx.backend.weight_update_)
 
 
 def _step_dense(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
@@ -398,7 +407,7 @@ def _step_dense(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
         return
     N = moment_update(ctx, grad, step, verdict)  # (the gradient is the caller's: N gets its own buffer)
     Fn.apply_dense_update_(p, N, lr=group["lr"], weight_decay=group["weight_decay"], sr_seed=sr_seed,
-                           decay=verdict.decay)
+                           decay=verdict.decay, update_=ctx.backend.weight_update_)
 
 
 def _bnb_fused_dense8(ctx: ParamStep, p: torch.Tensor, grad: torch.Tensor, step: int) -> None:

@@ -24,6 +24,7 @@ import pytest
 import torch
 from coap8bit.kernels import moments as KM
 from coap8bit.kernels import quant as KQ
+from coap8bit.kernels import update as KU
 
 import coap8bit
 from coap8bit import dispatch
@@ -380,6 +381,58 @@ def test_optimizer_triton_backend_matches_torch(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- GPU only
+# ---------------------------------------------------------------------------------------------- weight update
+@pytest.mark.parametrize("n", [1, 1000, 1024, 3001])
+@pytest.mark.parametrize("u_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decay_on_device", [False, True])
+@pytest.mark.parametrize("offset", [0, 12345])
+def test_weight_update_matches_twin_stochastic_bf16(n, u_dtype, decay_on_device, offset):
+    """bf16 weight, stochastic rounding: bit-identical to the twin (the same fp32 sum, no FMA on either side,
+    the same hashed bits; a stochastically rounded value is exact in bf16, so the interpreter's bf16 store is
+    exact too), and seeded by (seed, index): another seed or offset gives other bits."""
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEVICE)
+    u = (torch.randn(n, generator=gen) * 1e-3).to(u_dtype).to(DEVICE)
+    decay = torch.tensor(0.999, device=DEVICE) if decay_on_device else 0.999
+    kw = dict(decay=decay, alpha=-0.5, sr_seed=(1 << 62) + 7, offset=offset)
+    kernel, twin = KU.weight_update_(w.clone(), u, **kw), Fn.weight_update_(w.clone(), u, **kw)
+    assert torch.equal(kernel, twin)
+    exact = w.float() * 0.999 + u.float() * -0.5
+    assert torch.all((kernel.float() - exact).abs() <= exact.abs() * 2**-7)  # one of the two bf16 neighbours
+    if n >= 1000:
+        assert not torch.equal(KU.weight_update_(w.clone(), u, **{**kw, "sr_seed": 8}), kernel)
+        assert not torch.equal(KU.weight_update_(w.clone(), u, **{**kw, "offset": offset + 1}), kernel)
+
+
+def test_weight_update_skipped_step_rewrites_the_same_weight():
+    """A step skipped on the device reaches the update as decay 1 (header) and U = 0: W keeps its value."""
+    w = torch.randn(777).to(torch.bfloat16).to(DEVICE)
+    out = KU.weight_update_(w.clone(), torch.zeros(777, device=DEVICE), decay=torch.tensor(1.0, device=DEVICE),
+                            alpha=-1e-3, sr_seed=3)
+    assert torch.equal(out, w)
+
+
+def test_weight_update_argument_errors():
+    w = torch.zeros(10, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(TypeError, match="w must have dtype"):
+        KU.weight_update_(w.float(), torch.zeros(10, device=DEVICE), decay=1.0, alpha=1.0, sr_seed=None)
+    with pytest.raises(ValueError, match="u must have 10 elements"):
+        KU.weight_update_(w, torch.zeros(11, device=DEVICE), decay=1.0, alpha=1.0, sr_seed=None)
+    with pytest.raises(ValueError, match="w must be contiguous"):
+        KU.weight_update_(torch.zeros(4, 5, dtype=torch.bfloat16, device=DEVICE).mT, torch.zeros(20, device=DEVICE),
+                          decay=1.0, alpha=1.0, sr_seed=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16])
+def test_gpu_weight_update_round_to_nearest(w_dtype):
+    """Round-to-nearest stores (the interpreter truncates fp32 -> bf16/fp16, so this runs on a GPU only)."""
+    w = torch.randn(4099, device=DEVICE).to(w_dtype)
+    u = torch.randn(4099, device=DEVICE)
+    kw = dict(decay=0.99, alpha=-1e-2, sr_seed=None)
+    assert torch.equal(KU.weight_update_(w.clone(), u, **kw), Fn.weight_update_(w.clone(), u, **kw))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(4096, 1024), (11008, 1024), (1, 4099)])
 @pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16])
