@@ -13,10 +13,15 @@ Peak of one training step (an additive, deliberately simple model; assumptions p
   weights       every parameter (trainable and frozen) in --weight-dtype (bf16: 2 B), no fp32 master copy
   gradients     "full": one bf16 gradient per trainable parameter; "in-backward": each parameter is stepped
                 and its gradient freed as soon as it is complete, so only the largest one is alive
-  optimizer     the state above, plus the step's transient workspace: for coap8bit the bound of
-                ``coap_workspace_bytes`` (low-rank temporaries of its costliest layer plus row-blocked fp32
-                work of at most 192 MiB); one fp32 copy of the largest tensor for torch AdamW; none for
-                bitsandbytes' fused kernel
+  optimizer     the state above, plus the step's transient workspace: for coap8bit ``coap_workspace_bytes``,
+                the largest peak over its layers and refresh events (none, projector SGD step, re-projection,
+                first step) of ``matrix_step_moments``: the tensors alive at each moment of a step on the GPU
+                (Triton) path, read off the code: the dequantized P, S = G Pᵀ in fp32 and the GEMM's output in
+                the gradient's dtype, N in the weight's dtype and its product with P by row blocks; at refreshes
+                the dequantized M and the a×r and r×b temporaries of the SGD step, the range finder's sketch
+                and Q, isfinite's temporaries, the old S while S is recomputed with the new P. Checked against
+                peaks measured on the CPU path (benchmarks/step_workspace.py, tests/test_workspace.py: within
+                10%). One fp32 copy of the largest tensor for torch AdamW; none for bitsandbytes' fused kernel
   activations   gradient checkpointing at every decoder layer, bf16, fused attention (no T×T scores):
                 L · B·T·h·2 bytes of checkpoints, plus one layer recomputed for backward,
                 B·T·(5h + 2·kv + 4·ffn)·2 bytes (norm outputs, q/k/v, attention output, residual,
@@ -37,7 +42,8 @@ import torch
 
 from .accounting import BNB_MIN_8BIT_SIZE, BNB_QMAP_BYTES, bnb_adamw8bit_bytes, predicted_state
 
-__all__ = ["ModelSpec", "BUILTIN", "load_spec", "build_meta_params", "plan", "main"]
+__all__ = ["ModelSpec", "BUILTIN", "load_spec", "build_meta_params", "REFRESH_EVENTS", "Moment", "matrix_step_moments",
+           "matrix_step_workspace", "coap_workspace_bytes", "plan", "main"]
 
 GIB = 1024**3
 
@@ -152,16 +158,242 @@ def coap_state_bytes(params, *, fp32_projector: bool = False, **optimizer_kwargs
     return predicted_state(opt, fp32_projector=fp32_projector).total
 
 
+# ---------------------------------------------------------------------------------------------- step workspace
+REFRESH_EVENTS = (None, "sgd", "reproject", "init")  # step.refresh_event's values; None: no refresh
+
+
+@dataclasses.dataclass(frozen=True)
+class Moment:
+    """The transient tensors alive at one moment of a matrix step (term -> bytes), and the step function it is
+    in: ``site`` (a function name) and ``call`` (which call of it in the step, from 0), how
+    benchmarks/step_workspace.py finds the moment in a measured step."""
+
+    site: str
+    call: int
+    live: dict[str, int]
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.live.values())
+
+
+def matrix_step_moments(a: int, b: int, r: int, *, event: str | None, grad_dtype: torch.dtype = torch.bfloat16,
+                        weight_dtype: torch.dtype = torch.bfloat16, transposed: bool = False, block_size: int = 256,
+                        stochastic_projector: bool = True, stochastic_weight: bool = True,
+                        cpu: bool = False) -> list[Moment]:
+    """The moments of peak transient memory in one step of a projected weight with canonical shape a×b
+    (``transposed``: the weight is b×a, projected on the left) and rank r, for refresh ``event``
+    (``REFRESH_EVENTS``), read off the code (step.py, functional.py, projection.py, distributed.LocalMatrix) with
+    ``power_iters=0``, ``rotate_moments=False`` (the defaults) and no observer. Transient: what the step
+    allocates beyond the weight, its gradient and the optimizer state, which exist before it (at "init" the
+    state is allocated first). Left out: scalars, the step header, r-sized vectors and QR/SVD work arrays.
+
+    The GPU (Triton) path runs the same torch code except five fused kernels: dequantize (allocates its output
+    only), quantize (codes and absmax only), the step header, the moment update (writes N over S) and the weight
+    update (in place). ``cpu=True`` models the CPU path instead: it adds the terms named "CPU: ...", what the
+    torch twins of those kernels allocate on top (a dequantize's int32 code indices and fp32 values; the fp32 m,
+    v, N and rounding temporaries of the moment update; the rounding temporaries of a quantize; the weight
+    update's fp32 and int64 temporaries, chunk by chunk)."""
+    from .projection import WORKSPACE_ELEMS
+
+    if event not in REFRESH_EVENTS:
+        raise ValueError(f"event must be one of {REFRESH_EVENTS}, got {event!r}")
+    ar, rb, cast = a * r, r * b, grad_dtype.itemsize != 4
+
+    def row_blocks(rows_total: int, cols: int, max_elems: int) -> tuple[int, int, int]:
+        """projection.row_blocks: (rows per block, number of blocks, rows of the last block)."""
+        rows = min(rows_total, max(1, max_elems // cols))
+        count = -(-rows_total // rows)
+        return rows, count, rows_total - (count - 1) * rows
+
+    # G read as fp32 row blocks (a copy only for a gradient not in fp32). A loop's next block is made while its
+    # last one is still bound: two blocks at once, the larger pair being two full blocks when there are three
+    # or more. A loop in the function body leaves its last block bound after it.
+    rows_g, count_g, last_g = row_blocks(a, b, WORKSPACE_ELEMS)
+    pair_g = rows_g + (0 if count_g == 1 else rows_g if count_g >= 3 else last_g)
+    G_block = {"fp32 row block of G": 4 * rows_g * b} if cast else {}
+    G_pair = {"fp32 row blocks of G (this and the last)": 4 * pair_g * b} if cast else {}
+    G_last = {"the loop's last fp32 row block of G": 4 * last_g * b} if cast else {}
+
+    def blocks(n: int) -> int:
+        return 4 * -(-n // block_size)
+
+    def isfinite(name: str, n: int, itemsize: int) -> dict[str, int]:
+        """torch.isfinite(t) (distributed.LocalMatrix.all_finite, step.refresh_projector) is composite on every
+        device: (t == t) * (|t| != inf), three bool temporaries and |t| in t's dtype, alive together."""
+        return {f"isfinite({name}): t == t, |t|, |t| != inf, product": (3 + itemsize) * n}
+
+    def dequantize(base: dict[str, int], name: str, n: int, itemsize: int, site: str, call: int = 0
+                   ) -> dict[str, int]:
+        """A dequantize into ``itemsize``-byte values (the Triton kernel allocates its output only; the torch
+        twin looks fp32 values up by int32 code indices, then casts them); returns the output."""
+        out = {name: itemsize * n}
+        if cpu:
+            at(site, {**base, "CPU: code indices (int32), fp32 values": 8 * n}, call)
+            if itemsize != 4:
+                at(site, {**base, "CPU: fp32 values": 4 * n, **out}, call)
+        at(site, {**base, **out}, call)
+        return out
+
+    def rounding_cpu(n: int, noise: bool) -> dict[str, int]:
+        """quant.quantize_blockwise's temporaries at its peak: the normalized values, the search cells (int32),
+        the gathered thresholds and the comparison with them; under stochastic rounding, at its last line, the
+        nearest and lower codes (int64), the neighbouring code values, p_high and the draw (int64)."""
+        absmax = {"CPU: block absmax": blocks(n)}
+        if not noise:
+            return {"CPU: normalized, cells, thresholds (fp32/int32)": 12 * n, "CPU: threshold test (bool)": n,
+                    **absmax}
+        return {"CPU: normalized (fp32), nearest codes (uint8)": 5 * n, "CPU: nearest, low code (int64)": 16 * n,
+                "CPU: code neighbours, p_high (fp32)": 12 * n, "CPU: draw as int64, low + draw": 16 * n,
+                **absmax}
+
+    S = {"S = G Pᵀ (fp32)": 4 * ar}
+    moments: list[Moment] = []
+
+    def at(site: str, live: dict[str, int], call: int = 0) -> None:
+        moments.append(Moment(site, call, live))
+
+    def lowrank(base: dict[str, int], call: int, fp32_P: bool) -> None:
+        """distributed.LocalMatrix.lowrank: the GEMM in G's dtype (an fp32 P cast to it first), then the cast
+        of its a×r result to fp32."""
+        if cast:
+            at("lowrank", {**base, **({"P in G's dtype": 2 * rb} if fp32_P else {}), "G Pᵀ in G's dtype": 2 * ar},
+               call)
+            at("lowrank", {**base, "G Pᵀ in G's dtype": 2 * ar, **S}, call)
+        else:
+            at("lowrank", {**base, **S}, call)
+
+    def sketch(omega: dict[str, int]) -> None:
+        """projection.matmul_rows(G, Ω): a list of (G rows) Ω products, then their concatenation Y."""
+        if cast and count_g > 1:
+            at("sketch", {**omega, **G_pair, "G Ω rows so far": 4 * (a - last_g) * r})
+            at("sketch", {**omega, "the last fp32 row block of G": 4 * last_g * b, "G Ω rows": 4 * ar})
+        else:
+            at("sketch", {**omega, **G_block, "G Ω rows": 4 * ar})
+        at("sketch", {**omega, "G Ω rows": 4 * ar, "Y = cat(G Ω rows)": 4 * ar})
+
+    def range_finder(base: dict[str, int]) -> None:
+        """projection.range_finder from a sketch held in ``base``: QR, B = Qᵀ G by row blocks, SVD of B."""
+        Q = {"Q of the sketch (a×r)": 4 * ar}
+        at("range_finder", {**base, **Q, "R (r×r)": 4 * r * r})
+        at("range_finder", {**base, **Q, "B = Qᵀ G (r×b)": 4 * rb, **G_pair})
+        at("range_finder", {**base, **Q, "B = Qᵀ G (r×b)": 4 * rb, "SVD: copy of B, Vᵀ": 8 * rb,
+                            "SVD: U": 4 * r * r})
+
+    def sign_fix(base: dict[str, int], site: str) -> None:
+        """projection.align_signs / canonical_signs: new P, its negation and the selection."""
+        at(site, {**base, "P_new, -P_new, where(...)": 12 * rb})
+
+    def quantize_projector(base: dict[str, int], noise: bool) -> dict[str, int]:
+        """step.quantize_projector: fresh codes and absmax (and the noise of stochastic rounding), then
+        their dequantized value; returns what stays pending until the commit."""
+        noise_term = {"rounding noise (fp32)": 4 * rb} if noise else {}
+        codes = {"P_new codes, absmax": rb + blocks(rb)}
+        if cpu:
+            at("quantize_projector", {**base, **noise_term, **rounding_cpu(rb, noise)})
+        stored = dequantize({**base, **noise_term, **codes}, "P_new dequantized", rb, 4, "quantize_projector")
+        return {"P_new (fp32, pending)": 4 * rb, **codes, **stored}
+
+    def sgd_step(base: dict[str, int]) -> None:
+        """projection.projector_sgd_step with its closed-form gradient (``base`` holds S and M)."""
+        SG = {"Sᵀ G (r×b)": 4 * rb}
+        rr = {"P Pᵀ, Sᵀ S (r×r)": 8 * r * r}
+        # Per-row fp32 vectors: ‖G_i‖², ⟨A_i, G_i⟩, ‖A_i‖², the norms, denominators, cosines, w, u (and a bool).
+        rows = {"row vectors (a)": 37 * a}
+        # Loop 1: ‖G_i‖² and Sᵀ G, one fp32 row block and its square at a time.
+        at("projector_sgd_step", {**base, **SG, **G_block, "(block)² rows": 4 * rows_g * b,
+                                  "‖G_i‖² (a)": 4 * a})
+        # The cosines: ‖A_i‖² = rowsum((M PPᵀ) ∘ M).
+        at("projector_sgd_step", {**base, **SG, **rr, **G_last, "M P Pᵀ, (M P Pᵀ) ∘ M": 8 * ar,
+                                  "‖G_i‖², ⟨A_i, G_i⟩ (a)": 8 * a})
+        # Loop 2: Mᵀ diag(w) G: two blocks at its first step (loop 1's last one is still bound), then M_rows·w.
+        MwG = {"Mᵀ diag(w) G (r×b)": 4 * rb}
+        loop2_rows = rows_g + (last_g if count_g <= 2 else rows_g)
+        loop2_pair = {"fp32 row blocks of G (this and the last)": 4 * loop2_rows * b} if cast else {}
+        at("projector_sgd_step", {**base, **SG, **rr, **rows, **MwG, **loop2_pair})
+        at("projector_sgd_step", {**base, **SG, **rr, **rows, **MwG, **G_block, "M rows · w": 4 * rows_g * r})
+        at("projector_sgd_step", {**base, **SG, **rr, **rows, **MwG, **G_last, "M · u": 4 * ar})
+        # ∇L = (1 - c)∇E - E∇c: ∇E, ∇c and the three r×b temporaries of the combination at once.
+        at("projector_sgd_step", {**base, **SG, **rr, **rows, **MwG, **G_last, "Mᵀ diag(u) M (r×r)": 4 * r * r,
+                                  "∇E, ∇c, (1-c)∇E, E∇c, ∇L": 20 * rb})
+
+    def apply(base: dict[str, int], old_P: dict[str, int], fp32_P: bool) -> None:
+        """The header (the old P, ``old_P``, is replaced at the commit that follows it), the moment update
+        (N written over S), then W <- W - lr·N P (functional.apply_matrix_update_)."""
+        at("decide_step", {**base, **old_P})
+        mu = ({"CPU: m, v, N, sqrt(v) (fp32)": 16 * ar, **rounding_cpu(ar, False)} if cpu else {})
+        at("moment_update", {**base, **mu})
+        if weight_dtype.itemsize == 4:
+            at("apply_matrix_update_", base)
+            return
+        # N and P in W's dtype, then per block of W's rows in memory order (a left-projected weight's rows are
+        # the canonical columns) U = N P for those rows in W's dtype, and weight_update_ folds it into W: the
+        # Triton kernel in place; its torch twin through chunks of fp32 and int64 temporaries (the counter-based
+        # rounding noise's hash). The next block's U is made while the last one is still bound.
+        w = weight_dtype.itemsize
+        common = {**base, "N in W's dtype": w * ar, **({"P in W's dtype": w * rb} if fp32_P else {})}
+        rows_u, count_u, last_u = row_blocks(*((b, a) if transposed else (a, b)), WORKSPACE_ELEMS)
+        cols_u = a if transposed else b
+        pair_u = rows_u + (0 if count_u == 1 else rows_u if count_u >= 3 else last_u)
+        at("apply_matrix_update_", {**common, "U = N P rows (this and the last)": w * pair_u * cols_u})
+        if cpu:
+            from .functional import _TWIN_CHUNK  # the twin's chunk (the kernel has none)
+
+            chunk = min(rows_u * cols_u, _TWIN_CHUNK)
+            if weight_dtype == torch.bfloat16 and stochastic_weight:
+                scratch = {"CPU: fp32 sum; int64 bits, element index, hash temporaries": 44 * chunk}
+            else:
+                scratch = {"CPU: fp32 sum, U in fp32, alpha·U": 12 * chunk}
+            at("weight_update_", {**common, "U = N P rows": w * rows_u * cols_u, **scratch})
+
+    if event == "init":
+        at("all_finite", isfinite("G", a * b, grad_dtype.itemsize), 0)
+        omega = {"Gaussian sketch Ω (b×r)": 4 * rb}
+        sketch(omega)
+        Y = {"Y = G Ω": 4 * ar}
+        at("all_finite", {**omega, **Y, **isfinite("Y", ar, 4)}, 1)
+        range_finder({**omega, **Y})
+        sign_fix({**omega, **Y}, "canonical_signs")
+        new_P = {"P_new (fp32)": 4 * rb}
+        at("refresh_projector", {**omega, **Y, **new_P, **isfinite("P_new", rb, 4)})
+        pending = quantize_projector({**omega, **Y, **new_P}, noise=False)
+        lowrank(pending, 0, fp32_P=True)
+        apply({**pending, **S}, {}, fp32_P=True)
+        return moments
+    if event is None:  # P dequantized straight into the GEMM's dtype
+        P = dequantize({}, "P in G's dtype", rb, grad_dtype.itemsize, "load_projector")
+        lowrank(P, 0, fp32_P=not cast)
+        apply({**P, **S}, {}, fp32_P=not cast)
+        return moments
+    P = dequantize({}, "P (fp32)", rb, 4, "load_projector")  # fp32 for the refresh's math
+    lowrank(P, 0, fp32_P=True)
+    at("all_finite", {**P, **S, **isfinite("S", ar, 4)}, 0)
+    if event == "sgd":
+        M = dequantize({**P, **S}, "M (fp32)", ar, 4, "load", 1)
+        sgd_step({**P, **S, **M})
+    else:
+        range_finder({**P, **S})
+        sign_fix({**P, **S}, "align_signs")
+    new_P = {"P_new (fp32)": 4 * rb}
+    at("refresh_projector", {**P, **S, **new_P, **isfinite("P_new", rb, 4)})
+    pending = quantize_projector({**P, **S, **new_P}, noise=event == "sgd" and stochastic_projector)
+    # S is recomputed with the new P while the old S and P are still held.
+    lowrank({**P, "S with the old P (fp32)": 4 * ar, **pending}, 1, fp32_P=True)
+    apply({**pending, **S}, P, fp32_P=True)
+    return moments
+
+
+def matrix_step_workspace(a: int, b: int, r: int, **kwargs) -> int:
+    """Peak transient bytes of one matrix step (:func:`matrix_step_moments`, same arguments)."""
+    return max(m.bytes for m in matrix_step_moments(a, b, r, **kwargs))
+
+
 def coap_workspace_bytes(params, **optimizer_kwargs) -> int:
-    """Transient bytes of coap8bit's step for its most expensive parameter (a bound read off the code,
-    GPU path): per projected a×b weight with rank r, the fp32 and gradient-dtype projector (6·r·b), the
-    low-rank gradient in the gradient's dtype and fp32 plus the normalized update N (10·a·r), and on
-    refresh steps the range finder's Q and the projector-gradient terms (4·a·r + 10·r·b); every a×b
-    fp32 temporary is made in row blocks of at most projection.WORKSPACE_ELEMS elements (3 blocks at
-    once). Unprojected tensors: fused bitsandbytes kernel or at most 16 B/element of fp32 temporaries."""
+    """Transient bytes of coap8bit's step for its most expensive parameter and refresh event, on the GPU
+    (Triton) path with gradients in the weight's dtype: :func:`matrix_step_workspace` for projected weights;
+    unprojected tensors: at most 16 B/element of fp32 temporaries (N, the fp32 rows of W, rounding noise)."""
     from .layout import matrix_layout
     from .optimizer import AdamW8bit
-    from .projection import WORKSPACE_ELEMS
 
     opt = AdamW8bit(params, **optimizer_kwargs)
     group = opt.param_groups[0]
@@ -170,10 +402,14 @@ def coap_workspace_bytes(params, **optimizer_kwargs) -> int:
         kind = opt.param_kind(p, group)
         if kind == "matrix":
             lay = matrix_layout(p, group)
-            worst = max(worst, 14 * lay.a * lay.rank + 16 * lay.rank * lay.b)
+            worst = max(worst, *(matrix_step_workspace(
+                lay.a, lay.b, lay.rank, event=event, grad_dtype=p.dtype, weight_dtype=p.dtype,
+                transposed=lay.transposed, block_size=group["block_size"],
+                stochastic_projector=group["proj_rounding"] == "stochastic",
+                stochastic_weight=group["bf16_stochastic_rounding"]) for event in REFRESH_EVENTS))
         elif kind != "tucker":
             worst = max(worst, 16 * p.numel() if p.dtype == torch.bfloat16 else 0)
-    return worst + 3 * 4 * WORKSPACE_ELEMS
+    return worst
 
 
 def activation_bytes(spec: ModelSpec, batch: int, seq_len: int) -> int:
