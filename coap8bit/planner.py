@@ -12,7 +12,9 @@ The model is built on the meta device (parameter shapes only, no weights, offlin
 Peak of one training step (an additive, deliberately simple model; assumptions printed with the table):
   weights       every parameter (trainable and frozen) in --weight-dtype (bf16: 2 B), no fp32 master copy
   gradients     "full": one bf16 gradient per trainable parameter; "in-backward": each parameter is stepped
-                and its gradient freed as soon as it is complete, so only the largest one is alive
+                and its gradient freed as soon as it is complete, so only the largest one is alive; with
+                --accumulation-steps k > 1, plus what accumulation keeps between micro-batches: coap8bit's
+                fp32 low-rank sums (4 B per a×r element, ``accumulator_bytes``), every gradient for the others
   optimizer     the state above, plus the step's transient workspace: for coap8bit ``coap_workspace_bytes``,
                 the largest peak over its layers and refresh events (none, projector SGD step, re-projection,
                 first step) of ``matrix_step_moments``: the tensors alive at each moment of a step on the GPU
@@ -412,6 +414,25 @@ def coap_workspace_bytes(params, **optimizer_kwargs) -> int:
     return worst
 
 
+def accumulator_bytes(params, **optimizer_kwargs) -> int:
+    """What in-backward gradient accumulation (``attach(accumulation_steps=k)``, k > 1) keeps between
+    micro-batches: per projected matrix its fp32 low-rank sum S (a×r, 4 B per element; inbackward.py), per
+    other parameter its gradient (p.grad in the parameter's dtype). Freed at every step."""
+    from .layout import matrix_layout
+    from .optimizer import AdamW8bit
+
+    opt = AdamW8bit(params, **optimizer_kwargs)
+    group = opt.param_groups[0]
+    total = 0
+    for p in params:
+        if opt.param_kind(p, group) == "matrix":
+            lay = matrix_layout(p, group)
+            total += 4 * lay.a * lay.rank
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
 def activation_bytes(spec: ModelSpec, batch: int, seq_len: int) -> int:
     h, hd = spec.hidden, spec.head_dim or spec.hidden // spec.heads
     tokens = batch * seq_len
@@ -423,8 +444,10 @@ def activation_bytes(spec: ModelSpec, batch: int, seq_len: int) -> int:
 
 def plan(spec: ModelSpec, *, rank_ratio: float = 2.0, seq_len: int = 2048, batch: int = 1,
          gpu_gib: float = 24.0, overhead_gib: float = 1.0, weight_bytes: int = 2,
-         coap_kwargs: dict | None = None) -> dict:
-    """Optimizer bytes and peak estimates per optimizer (see the module docstring for the model)."""
+         coap_kwargs: dict | None = None, accumulation_steps: int = 1) -> dict:
+    """Optimizer bytes and peak estimates per optimizer (see the module docstring for the model).
+    ``accumulation_steps`` > 1: in-backward accumulation keeps coap8bit's low-rank sums (``accumulator_bytes``)
+    and every other optimizer's full gradients between micro-batches."""
     named = build_meta_params(spec)
     params = [p for _, p in named]
     numels = [p.numel() for p in params]
@@ -442,18 +465,21 @@ def plan(spec: ModelSpec, *, rank_ratio: float = 2.0, seq_len: int = 2048, batch
     weights = (trainable + spec.frozen_vision_params) * weight_bytes
     act = activation_bytes(spec, batch, seq_len)
     overhead = int(overhead_gib * GIB)
-    grads = {"full": 2 * trainable, "in-backward": 2 * largest}
+    accumulated = accumulator_bytes(params, **kw) if accumulation_steps > 1 else 0
     rows = []
     for name, (state, workspace) in optimizers.items():
         row = {"optimizer": name, "state_bytes": state, "bytes_per_param": state / trainable,
                "reduction_vs_adamw_fp32": 1.0 - state / (8 * trainable)}
-        for mode, g in grads.items():
+        coap = name.startswith(("coap8bit", "COAP"))
+        in_backward = 2 * largest + (accumulated if coap else 2 * trainable if accumulation_steps > 1 else 0)
+        for mode, g in (("full", 2 * trainable), ("in-backward", in_backward)):
             peak = weights + g + state + workspace + act + overhead
             row[f"peak_{mode}"] = peak
             row[f"margin_{mode}"] = gpu_gib * GIB - peak
         rows.append(row)
     return {"model": spec.name, "trainable_params": trainable, "frozen_params": spec.frozen_vision_params,
             "rank_ratio": rank_ratio, "seq_len": seq_len, "batch": batch, "gpu_gib": gpu_gib,
+            "accumulation_steps": accumulation_steps, "accumulator_bytes": accumulated,
             "weights_bytes": weights, "activation_bytes": act, "overhead_bytes": overhead,
             "largest_param": largest, "optimizers": rows}
 
@@ -467,7 +493,9 @@ def format_plan(result: dict) -> str:
           f"GPU {result['gpu_gib']:g} GiB",
         f"weights {g(result['weights_bytes']):.2f} GiB (bf16, no fp32 master)   activations "
         f"{g(result['activation_bytes']):.2f} GiB (checkpointing per layer, fused attention)   overhead "
-        f"{g(result['overhead_bytes']):.2f} GiB",
+        f"{g(result['overhead_bytes']):.2f} GiB"
+        + (f"   in-backward accumulation over {result['accumulation_steps']} micro-batches: coap8bit keeps "
+           f"{g(result['accumulator_bytes']):.2f} GiB of low-rank sums" if result["accumulation_steps"] > 1 else ""),
         "",
         f"{'optimizer':<20} {'state GiB':>9} {'B/param':>8} {'vs AdamW32':>10}   "
         f"{'peak, full grads':>24}   {'peak, grads in-backward':>26}",
@@ -503,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=_positive(int), default=1)
     parser.add_argument("--gpu-gib", type=_positive(float), default=24.0)
     parser.add_argument("--overhead-gib", type=float, default=1.0)
+    parser.add_argument("--accumulation-steps", type=_positive(int), default=1,
+                        help="micro-batches per step in-backward (attach(accumulation_steps=k))")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     if args.rank_ratio < 1:
@@ -514,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     result = plan(spec, rank_ratio=args.rank_ratio, seq_len=args.seq_len, batch=args.batch,
-                  gpu_gib=args.gpu_gib, overhead_gib=args.overhead_gib)
+                  gpu_gib=args.gpu_gib, overhead_gib=args.overhead_gib, accumulation_steps=args.accumulation_steps)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
     return 0
 

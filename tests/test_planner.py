@@ -11,6 +11,7 @@ from coap8bit.accounting import state_bytes
 from coap8bit.planner import (
     BUILTIN,
     ModelSpec,
+    accumulator_bytes,
     build_meta_params,
     clip_vit_l14_336_params,
     coap_state_bytes,
@@ -36,6 +37,29 @@ def test_prediction_equals_real_allocation_to_the_byte(kwargs):
         p.grad = torch.randn_like(p)
     opt.step()
     assert state_bytes(opt) == coap_state_bytes([p for _, p in build_meta_params(TINY)], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank_ratio=2), dict(rank_ratio=4, min_proj_size=10**6)])
+def test_accumulator_prediction_equals_what_in_backward_holds(kwargs):
+    """In-backward accumulation over 2 micro-batches: after the first, each projected weight holds its fp32 low-rank
+    sum and every other parameter its gradient, exactly the bytes the planner predicts from meta shapes."""
+    torch.manual_seed(0)
+    real = [torch.nn.Parameter(torch.randn(p.shape, dtype=torch.bfloat16)) for _, p in build_meta_params(TINY)]
+    opt = AdamW8bit(real, **kwargs)
+    handle = opt.attach(accumulation_steps=2)
+    sum(p.float().square().sum() for p in real).backward()  # one micro-batch: every parameter gets a gradient
+    held = sum(slot.lowrank.S.nbytes if slot.lowrank is not None else p.grad.nbytes
+               for p, slot in handle._slots.items())
+    handle.detach()
+    assert held == accumulator_bytes([p for _, p in build_meta_params(TINY)], **kwargs)
+
+
+def test_accumulation_keeps_low_rank_sums_in_the_7b_plan():
+    one, eight = (plan(BUILTIN["llama-7b"], rank_ratio=4, accumulation_steps=k) for k in (1, 8))
+    row = {r["optimizer"]: r for r in eight["optimizers"]}["coap8bit r/4"]
+    row_one = {r["optimizer"]: r for r in one["optimizers"]}["coap8bit r/4"]
+    assert one["accumulator_bytes"] == 0
+    assert row["peak_in-backward"] - row_one["peak_in-backward"] == eight["accumulator_bytes"] > 6 * 2**30
 
 
 @pytest.mark.slow
