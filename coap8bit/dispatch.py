@@ -76,44 +76,36 @@ def _kernel_module(name: str):
     return module
 
 
-def moment_update_8bit(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
-    """The fused 8-bit Adam moment update for ``backend`` on ``device`` (signature of
-    :func:`coap8bit.functional.moment_update_8bit`)."""
+def _select(backend: str, device: torch.device | str, twin: Callable, module: str) -> Callable:
+    """``twin`` (a torch function) or its Triton twin of the same name in ``coap8bit.kernels.<module>``."""
     if not use_triton(backend, device):
-        return Fn.moment_update_8bit
-    return _kernel_module("moments").moment_update_8bit
+        return twin
+    return getattr(_kernel_module(module), twin.__name__)
+
+
+def moment_update_8bit(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """The fused 8-bit Adam moment update (signature of :func:`coap8bit.functional.moment_update_8bit`)."""
+    return _select(backend, device, Fn.moment_update_8bit, "moments")
 
 
 def step_header(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
-    """The on-device verdict and constants of an 8-bit step for ``backend`` on ``device`` (signature of
-    :func:`coap8bit.functional.step_header`)."""
-    if not use_triton(backend, device):
-        return Fn.step_header
-    return _kernel_module("moments").step_header
+    """The on-device verdict and constants of an 8-bit step (signature of :func:`coap8bit.functional.step_header`)."""
+    return _select(backend, device, Fn.step_header, "moments")
 
 
 def weight_update_(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
-    """The fused low-precision weight update for ``backend`` on ``device`` (signature of
-    :func:`coap8bit.functional.weight_update_`)."""
-    if not use_triton(backend, device):
-        return Fn.weight_update_
-    return _kernel_module("update").weight_update_
+    """The fused low-precision weight update (signature of :func:`coap8bit.functional.weight_update_`)."""
+    return _select(backend, device, Fn.weight_update_, "update")
 
 
 def quantize_blockwise(backend: str, device: torch.device | str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """Blockwise 8-bit quantizer for ``backend`` on ``device`` (signature of
-    :func:`coap8bit.quant.quantize_blockwise`)."""
-    if not use_triton(backend, device):
-        return Q.quantize_blockwise
-    return _kernel_module("quant").quantize_blockwise
+    """Blockwise 8-bit quantizer (signature of :func:`coap8bit.quant.quantize_blockwise`)."""
+    return _select(backend, device, Q.quantize_blockwise, "quant")
 
 
 def dequantize_blockwise(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
-    """Blockwise 8-bit dequantizer for ``backend`` on ``device`` (signature of
-    :func:`coap8bit.quant.dequantize_blockwise`)."""
-    if not use_triton(backend, device):
-        return Q.dequantize_blockwise
-    return _kernel_module("quant").dequantize_blockwise
+    """Blockwise 8-bit dequantizer (signature of :func:`coap8bit.quant.dequantize_blockwise`)."""
+    return _select(backend, device, Q.dequantize_blockwise, "quant")
 
 
 @dataclasses.dataclass(frozen=True)
