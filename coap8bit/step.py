@@ -431,7 +431,8 @@ _RULES = {Kind.MATRIX: _step_matrix, Kind.TUCKER: _step_tucker, Kind.DENSE8: _st
 
 def take_step(ctx: ParamStep, grad: torch.Tensor) -> None:
     """One optimizer step of one parameter, all or nothing: raises SkipStep / LinAlgError with the
-    parameter and its state untouched, else advances ``state["step"]``."""
+    parameter and its state untouched, else advances ``state["step"]`` (also when the step was skipped on the
+    device: ``ctx.pending`` then counts it, until the optimizer settles it)."""
     step = ctx.state["step"] + 1
     _RULES[ctx.kind](ctx, grad, step)
     ctx.state["step"] = step
