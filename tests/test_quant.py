@@ -136,7 +136,7 @@ def test_property_roundtrip_bound(n, block_pow, signed, scale):
 
 # ------------------------------------------------------------------------------------------ rounding table
 def searched_codes(x: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The rounding of coap8bit 0.1.0 to 0.2: binary search over the midpoints between codes (ties go down),
+    """The rounding the table replaced (0.1.0): binary search over the midpoints between codes (ties go down),
     then, under the signed map, a non-zero value moved off the zero code to the nearest code of its sign."""
     code = code_map(signed)
     idx = torch.bucketize(x, (code[1:] + code[:-1]) * 0.5)
@@ -189,18 +189,17 @@ def strided_sweep(signed: bool, stride: int = 509) -> torch.Tensor:
 
 
 def quantize_normed(x: torch.Tensor, signed: bool, backend: str, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes of ``x`` itself: each block of 4096 holds x's values after a leading 1.0 (so absmax is 1 and the
-    normalizing division is exact), through the torch path or the Triton kernel."""
-    per_block = 4095
-    rows = -(-x.numel() // per_block)
-    padded = torch.zeros(rows * per_block)
-    padded[: x.numel()] = x
-    blocks = torch.cat([torch.ones(rows, 1), padded.view(rows, per_block)], dim=1)
-    if noise is not None:
-        noise = torch.cat([torch.zeros(rows, 1), torch.cat([noise, padded.new_zeros(rows * per_block - x.numel())])
-                           .view(rows, per_block)], dim=1)
+    """Codes of ``x`` itself, through the torch path or the Triton kernel: each block of 4096 holds a leading
+    1.0 (so absmax is 1 and the normalizing division is exact), then 4095 of x's values."""
+    rows = -(-x.numel() // 4095)
+
+    def blocks(values: torch.Tensor, lead: float) -> torch.Tensor:
+        body = torch.cat([values, values.new_zeros(rows * 4095 - values.numel())]).view(rows, 4095)
+        return torch.cat([torch.full((rows, 1), lead), body], dim=1)
+
     quantize = quantize_blockwise if backend == "torch" else KQ.quantize_blockwise
-    codes, absmax = quantize(blocks, signed=signed, block_size=4096, noise=noise)
+    codes, absmax = quantize(blocks(x, 1.0), signed=signed, block_size=4096,
+                             noise=None if noise is None else blocks(noise, 0.0))
     assert torch.all(absmax == 1.0)
     return codes[:, 1:].reshape(-1)[: x.numel()].long()
 
