@@ -8,7 +8,18 @@ from __future__ import annotations
 import torch
 
 from .bound import adam_update_bound
-from .format import HEADER_DECAY, NUMERICS_BOUND_HITS, NUMERICS_FLOOR_HITS, NUMERICS_MAX_N, split_seed
+from .format import (
+    HEADER_BC1,
+    HEADER_BC2,
+    HEADER_BOUND,
+    HEADER_DECAY,
+    HEADER_OK,
+    HEADER_SIZE,
+    NUMERICS_BOUND_HITS,
+    NUMERICS_FLOOR_HITS,
+    NUMERICS_MAX_N,
+    split_seed,
+)
 from .projection import row_blocks
 from .quant import (
     dequantize_blockwise,
@@ -159,14 +170,17 @@ def step_header(
     t = step - late
     if late:
         bound = adam_update_bound(beta1, beta2, t) * (1.0 + 1e-4)  # the kernel's margin for its fp32 bound
-    ok = moments_stay_finite(g_peak.to(torch.float32), m_absmax.amax() if m_absmax.numel() else m_absmax.new_zeros(()),
-                             second_moment_peak(v_absmax), beta1=beta1, beta2=beta2, step=t)
-    header = torch.stack([ok.to(torch.float32)] + [torch.tensor(x, dtype=torch.float32, device=m_absmax.device)
-                                                  for x in (1.0 - beta1**t, 1.0 - beta2**t, bound, decay)])
-    header[HEADER_DECAY] = torch.where(ok, header[HEADER_DECAY], 1.0)
-    if defer:
-        pending += (~ok).to(pending.dtype)
-    return header
+    # The peaks read once, the verdict on the host in fp32 0-dim tensors: this path serves the CPU, where a
+    # handful of scalar ops beats a dozen device-shaped ones.
+    m_peak = m_absmax.amax() if m_absmax.numel() else m_absmax.new_zeros(())
+    peaks = torch.stack([g_peak.to(torch.float32), m_peak, second_moment_peak(v_absmax)]).cpu()
+    ok = bool(moments_stay_finite(*peaks, beta1=beta1, beta2=beta2, step=t))
+    if defer and not ok:
+        pending += 1
+    values = [0.0] * HEADER_SIZE
+    values[HEADER_OK], values[HEADER_BC1], values[HEADER_BC2] = float(ok), 1.0 - beta1**t, 1.0 - beta2**t
+    values[HEADER_BOUND], values[HEADER_DECAY] = bound, decay if ok else 1.0
+    return torch.tensor(values, dtype=torch.float32, device=m_absmax.device)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
