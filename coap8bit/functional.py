@@ -192,25 +192,28 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def rounding_noise(seed: int, offset: int, n: int, device: torch.device) -> torch.Tensor:
-    """16 random bits (int64 in [0, 2^16)) for elements offset … offset+n-1 of a weight: a counter-based
-    hash of (seed, element index), the same bits as the Triton kernel draws (kernels/update.py)."""
+def rounding_noise(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """16 random bits (int64 in [0, 2^16)) per weight element ``index`` (int64): a counter-based hash of
+    (seed, index mod 2^32), the same bits as the Triton kernel draws (kernels/update.py)."""
     lo, hi = split_seed(seed)
-    index = torch.arange(offset, offset + n, dtype=torch.int64, device=device) & 0xFFFFFFFF
-    return _hash32((_hash32(index ^ lo) + hi) & 0xFFFFFFFF) >> 16
+    return _hash32((_hash32((index & 0xFFFFFFFF) ^ lo) + hi) & 0xFFFFFFFF) >> 16
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
     """Copy fp32 ``src`` into bf16 ``dst`` (contiguous) with stochastic rounding: add 16 random bits below
     bf16's mantissa to the fp32 bit pattern, then truncate. E[dst] = src, so many updates smaller than half a
-    bf16 ulp still move the weight in expectation (round-to-nearest would drop them all). The bits come from
-    ``rounding_noise(seed, offset, …)``: reproducible, no generator state, independent of how a weight is cut
-    into blocks. Other dtypes: plain copy (round to nearest)."""
+    bf16 ulp still move the weight in expectation (round-to-nearest would drop them all). The bits are
+    ``rounding_noise(seed, index)``, ``index`` the elements' indices in the weight (default 0 … n-1):
+    reproducible, no generator state, independent of how a weight is cut into blocks or laid out in memory.
+    Other dtypes: plain copy (round to nearest)."""
     if dst.dtype != torch.bfloat16:
         dst.copy_(src)
         return dst
     bits = src.to(torch.float32).contiguous().view(torch.int32).to(torch.int64).view(-1) & 0xFFFFFFFF
-    rounded = ((bits + rounding_noise(seed, offset, bits.numel(), src.device)) & 0xFFFF0000).to(torch.int32)
+    if index is None:
+        index = torch.arange(bits.numel(), dtype=torch.int64, device=src.device)
+    rounded = ((bits + rounding_noise(seed, index)) & 0xFFFF0000).to(torch.int32)
     dst.copy_(rounded.view(torch.float32).view(dst.shape))
     return dst
 
@@ -223,18 +226,23 @@ def weight_update_(
     alpha: float,
     sr_seed: int | None,
     offset: int = 0,
+    index_strides: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``w`` (bf16/fp16, contiguous) <- round(decay·w + alpha·u) in place: the sum in fp32 (a multiply, then an
-    add), then stochastic rounding (bf16 with ``sr_seed``; ``offset``: w's first element's index in the whole
-    weight) or round-to-nearest. Torch twin of ``kernels.update.weight_update_``; works through chunks of
-    ``_TWIN_CHUNK`` elements so that its fp32 and int64 temporaries stay small whatever the block (the kernel
-    has none)."""
+    add), then stochastic rounding (bf16 with ``sr_seed``) or round-to-nearest. The rounding hashes each
+    element's index in the whole weight: w's element (r, c) is element offset + r·s_r + c·s_c with
+    ``index_strides`` (s_r, s_c) for a 2-D w, element offset + k of a flat one (None). Torch twin of
+    ``kernels.update.weight_update_``; works through chunks of ``_TWIN_CHUNK`` elements so that its fp32 and
+    int64 temporaries stay small whatever the block (the kernel has none)."""
+    cols, strides = (w.shape[1], index_strides) if index_strides is not None else (max(1, w.numel()), (0, 1))
     flat_w, flat_u = w.view(-1), u.reshape(-1)
     for chunk in row_blocks(flat_w.numel(), 1, max_elems=_TWIN_CHUNK):
         x = flat_w[chunk].to(torch.float32).mul_(decay)
         x += flat_u[chunk].to(torch.float32) * alpha  # (out of place: an fp32 u is the caller's N)
         if sr_seed is not None and w.dtype == torch.bfloat16:
-            stochastic_round_(flat_w[chunk], x, sr_seed, offset + chunk.start)
+            e = torch.arange(chunk.start, chunk.stop, dtype=torch.int64, device=w.device)  # positions in w
+            index = offset + (e // cols) * strides[0] + (e % cols) * strides[1]
+            stochastic_round_(flat_w[chunk], x, sr_seed, index)
         else:
             flat_w[chunk].copy_(x)
     return w
@@ -262,9 +270,13 @@ def apply_matrix_update_(
     sr_seed: int | None,
     decay: float | torch.Tensor | None = None,
     update_=weight_update_,
+    index_strides: tuple[int, int] | None = None,
 ) -> None:
     """W <- (1 - lr·wd) W - lr·scale · N P, on the canonical (a×b) view of the weight. ``decay``, when given,
     replaces 1 - lr·wd (a 0-dim device tensor: the factor a step decided on the device applies, 1 if skipped).
+    ``index_strides``: canonical element (i, j) is the weight's element i·s_i + j·s_j, for the stochastic
+    rounding's hash (default (b, 1): the canonical view is the weight; a left-projected weight passes (1, a)),
+    so that the bits do not depend on the weight's memory layout.
 
     fp32 weights: one fused addmm_. Other dtypes (bf16/fp16): the product N P is a GEMM in the weight's own
     dtype — tensor cores on a GPU; an fp32 GEMM of these shapes is ~10x slower there — whose relative
@@ -281,18 +293,23 @@ def apply_matrix_update_(
             decay = 1.0
         W.addmm_(N.to(W.dtype), P.to(W.dtype), beta=decay, alpha=alpha)
         return
+    index_strides = (W.shape[1], 1) if index_strides is None else index_strides
     stored, transposed = _memory_order(W)
-    N_w, P_w = N.to(W.dtype), P.to(W.dtype)
     if not stored.is_contiguous():  # (a strided view that is neither: update a contiguous copy)
         work = stored.contiguous()
         apply_matrix_update_(work.mT if transposed else work, N, P, lr=lr, weight_decay=weight_decay, scale=scale,
-                             sr_seed=sr_seed, decay=decay, update_=update_)
+                             sr_seed=sr_seed, decay=decay, update_=update_, index_strides=index_strides)
         stored.copy_(work)
         return
+    P_w = P.to(W.dtype)
+    N_w = N.to(W.dtype) if transposed else N  # (right side: cast by row block, no whole a×r copy)
+    stride = index_strides[::-1] if transposed else index_strides  # stored[r, c] is canonical [c, r] or [r, c]
     rows_total, cols = stored.shape
     for rows in row_blocks(rows_total, cols):
-        U = P_w[:, rows].mT @ N_w.mT if transposed else N_w[rows] @ P_w
-        update_(stored[rows], U, decay=decay, alpha=alpha, sr_seed=sr_seed, offset=rows.start * cols)
+        U = P_w[:, rows].mT @ N_w.mT if transposed else N_w[rows].to(W.dtype) @ P_w
+        update_(stored[rows], U, decay=decay, alpha=alpha, sr_seed=sr_seed, offset=rows.start * stride[0],
+                index_strides=stride)
+        del U  # before the next block's product
 
 
 def apply_dense_update_(

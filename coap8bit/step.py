@@ -364,7 +364,8 @@ def apply_lowrank(ctx: ParamStep, lowrank: LowRankGradient, step: int) -> None:
     # FSDP2: this shard's rows of W (right) or its columns of canonical Wᵀ with P's matching columns (left).
     Fn.apply_matrix_update_(proj.canonical(dist_.local(ctx.p), layout), N, ops.cols(lowrank.P), lr=group["lr"],
                             weight_decay=group["weight_decay"], scale=group["scale"],
-                            sr_seed=ctx.param_sr_seed(step), decay=verdict.decay, update_=ctx.backend.weight_update_)
+                            sr_seed=ctx.param_sr_seed(step), decay=verdict.decay, update_=ctx.backend.weight_update_,
+                            index_strides=(1, layout.a) if layout.transposed else (layout.b, 1))
 
 
 def _step_matrix(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:

@@ -40,9 +40,11 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset"])  # a new seed each step must not recompile
+# A new seed or block position each step must not recompile (Triton specializes ints equal to 1 or divisible
+# by 16).
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "cols", "stride_row", "stride_col"])
 def _weight_update_kernel(
-    w_ptr, u_ptr, decay_ptr, decay, alpha, seed_lo, seed_hi, offset, n_elements,
+    w_ptr, u_ptr, decay_ptr, decay, alpha, seed_lo, seed_hi, offset, cols, stride_row, stride_col, n_elements,
     BLOCK: tl.constexpr, DECAY_ON_DEVICE: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -55,7 +57,8 @@ def _weight_update_kernel(
     x = w * decay
     x = x + u * alpha
     if STOCHASTIC:
-        index = (offset + offs).to(tl.uint32)  # the element's index in W, modulo 2^32
+        # The element's index in the weight (modulo 2^32): w's element (r, c) of a block of ``cols`` columns.
+        index = (offset + (offs // cols) * stride_row + (offs % cols) * stride_col).to(tl.uint32)
         noise = _hash32(_hash32(index ^ seed_lo.to(tl.uint32)) + seed_hi.to(tl.uint32)) >> 16
         bits = (x.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)  # exactly representable in bf16: the store below is exact
@@ -70,11 +73,12 @@ def weight_update_(
     alpha: float,
     sr_seed: int | None,
     offset: int = 0,
+    index_strides: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Triton twin of :func:`coap8bit.functional.weight_update_`: ``w`` (bf16/fp16, contiguous) <-
     round(decay·w + alpha·u) in place, ``u`` (fp32/bf16/fp16) of w's size; ``decay`` a number or a 0-dim fp32
-    tensor on w's device; ``sr_seed``: stochastic rounding of a bf16 ``w`` (None: to nearest); ``offset``:
-    the index of w's first element in the whole weight (the hash's counter)."""
+    tensor on w's device; ``sr_seed``: stochastic rounding of a bf16 ``w`` (None: to nearest); ``offset``,
+    ``index_strides``: w's elements' indices in the whole weight (the hash's counter), as the twin."""
     device, n = w.device, w.numel()
     check_tensor("w", w, dtypes=_WEIGHT_DTYPES, numel=n, device=device)
     u = u.contiguous()
@@ -84,10 +88,16 @@ def weight_update_(
         check_tensor("decay", decay, dtypes=(torch.float32,), numel=1, device=device)
     stochastic = sr_seed is not None and w.dtype == torch.bfloat16
     seed = sr_seed if stochastic else 0
+    if index_strides is None:
+        cols, (stride_row, stride_col) = max(1, n), (0, 1)
+    else:
+        if w.dim() != 2:
+            raise ValueError(f"index_strides needs a 2-D w, got shape {tuple(w.shape)}")
+        cols, (stride_row, stride_col) = max(1, w.shape[1]), index_strides
     if n:
         _weight_update_kernel[(triton.cdiv(n, _BLOCK),)](
             w, u, decay if on_device else w, 1.0 if on_device else float(decay), float(alpha),
-            *split_seed(seed), int(offset), n,
+            *split_seed(seed), int(offset), int(cols), int(stride_row), int(stride_col), n,
             BLOCK=_BLOCK, DECAY_ON_DEVICE=on_device, STOCHASTIC=stochastic, num_warps=_num_warps(_BLOCK),
             enable_fp_fusion=FP_FUSION,
         )
@@ -99,7 +109,8 @@ def aot_variants() -> list[AotVariant]:
     assert _BLOCK in BLOCK_SIZES
     return [aot_variant(_weight_update_kernel, _BLOCK,
                         dict(w_ptr=w_dtype, u_ptr=u_dtype, decay_ptr=torch.float32 if on_device else w_dtype,
-                             decay=0.5, alpha=0.5, seed_lo=2, seed_hi=2, offset=2, n_elements=2),
+                             decay=0.5, alpha=0.5, seed_lo=2, seed_hi=2, offset=2, cols=2, stride_row=2,
+                             stride_col=2, n_elements=2),
                         dict(DECAY_ON_DEVICE=on_device, STOCHASTIC=stochastic), ("w_ptr", "u_ptr"))
             for w_dtype in _WEIGHT_DTYPES for u_dtype in _UPDATE_DTYPES for on_device in (False, True)
             for stochastic in ((False, True) if w_dtype == torch.bfloat16 else (False,))]

@@ -404,6 +404,22 @@ def test_weight_update_matches_twin_stochastic_bf16(n, u_dtype, decay_on_device,
         assert not torch.equal(KU.weight_update_(w.clone(), u, **{**kw, "offset": offset + 1}), kernel)
 
 
+@pytest.mark.parametrize("shape,strides", [((5, 37), (37, 1)), ((37, 5), (1, 37)), ((3, 1000), (1, 3))])
+def test_weight_update_index_strides_match_twin(shape, strides):
+    """A 2-D block whose element (r, c) is the weight's element offset + r·s_r + c·s_c (a transposed memory
+    layout: s_r = 1): the same hashed bits on both paths, and they are those of the weight's own indices —
+    updating the transpose in memory order rounds every element as updating the weight itself does."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+    u = (torch.randn(shape, generator=gen) * 1e-2).to(DEVICE)
+    kw = dict(decay=1.0, alpha=-1.0, sr_seed=11, offset=4, index_strides=strides)
+    kernel = KU.weight_update_(w.clone(), u, **kw)
+    assert torch.equal(kernel, Fn.weight_update_(w.clone(), u, **kw))
+    if strides[0] == 1:  # w is the transpose of a (c, r) weight stored row-major: same bits as that weight
+        flat = Fn.weight_update_(w.mT.contiguous(), u.mT.contiguous(), decay=1.0, alpha=-1.0, sr_seed=11, offset=4)
+        assert torch.equal(kernel, flat.mT)
+
+
 def test_weight_update_skipped_step_rewrites_the_same_weight():
     """A step skipped on the device reaches the update as decay 1 (header) and U = 0: W keeps its value."""
     w = torch.randn(777).to(torch.bfloat16).to(DEVICE)
