@@ -100,12 +100,26 @@ def moment_update_32bit(
     step: int,
     bound: float,
     numerics: torch.Tensor | None = None,
+    header: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adam moments in fp32 state, updated in place; returns the normalized update N (fp32, clamped to
-    ±``bound``)."""
+    ±``bound``). With a step ``header`` (format.HEADER_*, decided on the device) its constants are used and a
+    skip (OK = 0) leaves m, v and the counters as they are and gives N = 0, without a host read."""
     g = g.to(torch.float32)
-    adam_moment_update_(g, m, v, beta1=beta1, beta2=beta2)
-    return normalized_update(m, v, eps=eps, step=step, beta1=beta1, beta2=beta2, bound=bound, numerics=numerics)
+    if header is None:
+        adam_moment_update_(g, m, v, beta1=beta1, beta2=beta2)
+        return normalized_update(m, v, eps=eps, step=step, beta1=beta1, beta2=beta2, bound=bound, numerics=numerics)
+    ok = header[HEADER_OK]  # 1.0 or 0.0: β → 1 and (1-β) → 0 on a skip (g zeroed first: NaN·0 is NaN)
+    g = torch.where(ok > 0, g, 0.0)
+    m.mul_(1.0 - ok * (1.0 - beta1)).add_(g * (ok * (1.0 - beta1)))
+    v.mul_(1.0 - ok * (1.0 - beta2)).add_(g * g * (ok * (1.0 - beta2)))
+    counted = None if numerics is None else torch.zeros_like(numerics)
+    N = _normalized(m, v, eps=eps, bc1=header[HEADER_BC1], bc2=header[HEADER_BC2], bound=header[HEADER_BOUND],
+                    numerics=counted).mul_(ok)
+    if numerics is not None:  # this step's counts, kept only if it was taken
+        numerics[NUMERICS_BOUND_HITS] += counted[NUMERICS_BOUND_HITS] * ok
+        numerics[NUMERICS_MAX_N] = torch.maximum(numerics[NUMERICS_MAX_N], counted[NUMERICS_MAX_N] * ok)
+    return N
 
 
 def moment_update_8bit(

@@ -135,7 +135,7 @@ class ParamStep:
         state, a parameter held whole (shards must agree on the host), and not a refresh step (refreshes
         sync anyway; the optimizer settles pending skips before them, so their schedule stays exact)."""
         return (self.backend.fused and self.pending is not None and self.shard is None and self.state["step"] > 0
-                and self.moments()[0].quantized and refresh_event(step, self.group) is None)
+                and refresh_event(step, self.group) is None)
 
     @functools.cached_property
     def layout(self) -> proj.ProjLayout:
@@ -205,11 +205,14 @@ def decide_step(ctx: ParamStep, g: torch.Tensor, step: int, ops=None) -> Verdict
     beta1, beta2 = group["betas"]
     decay = 1.0 - float(group["lr"]) * group["weight_decay"]
     m, v = ctx.moments()
-    if not m.quantized:  # fp32 state (the ablation): the host check
+    defer = ctx.defers_skip(step)
+    if not m.quantized and not defer:  # fp32 state on the host path: the host check
         moments_fit(ctx, g, step, ops)
         return Verdict(None, decay)
-    defer = ctx.defers_skip(step)
-    header = ctx.backend.step_header(_peak(g), m.absmax, v.absmax, ctx.pending,
+    # The header reads the moments' peaks from 8-bit state's absmax, or from fp32 state's one-element peaks
+    # (√v for v: the header squares it, as for the second moment's stored √v).
+    m_peaks, v_peaks = (m.absmax, v.absmax) if m.quantized else (m.peak().reshape(1), v.peak().sqrt().reshape(1))
+    header = ctx.backend.step_header(_peak(g), m_peaks, v_peaks, ctx.pending,
                                      step=step, beta1=beta1, beta2=beta2, bound=adam_update_bound(beta1, beta2, step),
                                      decay=decay, defer=defer)
     if not defer:
@@ -239,7 +242,8 @@ def moment_update(ctx: ParamStep, g: torch.Tensor, step: int, verdict: Verdict,
                                            numerics=ctx.state["numerics"], out=out)
     else:
         N = Fn.moment_update_32bit(g, m.load(), v.load(), beta1=beta1, beta2=beta2, eps=ctx.group["eps"], step=step,
-                                   bound=adam_update_bound(beta1, beta2, step), numerics=ctx.state["numerics"])
+                                   bound=adam_update_bound(beta1, beta2, step), numerics=ctx.state["numerics"],
+                                   header=verdict.header)
     if token is not None:
         ctx.observer.moments_after(ctx, token, g, step)
     return N

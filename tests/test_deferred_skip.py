@@ -116,14 +116,15 @@ def test_normalized_update_written_over_the_gradient_equals_a_fresh_buffer(updat
 
 
 def _run(backend: str, skips: set[int], calls: int):
-    """``calls`` optimizer steps on a projected matrix, a dense8 vector and a Tucker conv weight, with a NaN
+    """``calls`` optimizer steps on a projected matrix, a dense8 and a dense32 vector (fp32 state) and a Tucker
+    conv weight, with a NaN
     in every gradient at the calls in ``skips`` (0-based). update_interval 3, reproject_factor 2: refreshes at
     steps 1, 4, 7 (re-projection), 10."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(40, 24), (5000,), (16, 12, 7, 7)]]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(40, 24), (5000,), (300,), (16, 12, 7, 7)]]
     opt = coap8bit.AdamW8bit(params, lr=1e-2, weight_decay=0.1, min_proj_size=256, update_interval=3,
                              reproject_factor=2, backend=backend)
-    assert [str(opt.param_kind(p, opt.param_groups[0])) for p in params] == ["matrix", "dense8", "tucker"]
+    assert [str(opt.param_kind(p, opt.param_groups[0])) for p in params] == ["matrix", "dense8", "dense32", "tucker"]
     for call in range(calls):
         grads = torch.Generator().manual_seed(100 + call)
         for p in params:
