@@ -2,6 +2,7 @@
 sections, written by other scripts, are left as they are)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -18,3 +19,14 @@ def write_section(heading: str, body: str, path: str = RESULTS) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w") as f:
         f.write(text)
+
+
+def publish(heading: str, body: str, *, json_path: str | None = None, payload=None, write: bool = False) -> None:
+    """What a benchmark does with its result: print ``body``, save ``payload`` as JSON at ``json_path`` (when
+    given) and, with ``write``, replace its section ``heading`` of RESULTS.md with ``body``."""
+    print(body)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(payload, f, indent=1)
+    if write:
+        write_section(heading, body)

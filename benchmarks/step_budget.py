@@ -50,7 +50,6 @@ import contextlib
 import dataclasses
 import functools
 import importlib
-import json
 import os
 import pkgutil
 import platform
@@ -475,15 +474,11 @@ def main() -> None:
         details(results),
         "```",
     ])
-    print(body)
-    if cli.json:
-        with open(cli.json, "w") as f:
-            json.dump({"machine": machine(), "command": command, "results": results}, f, indent=1)
-    if cli.write_results:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from results_md import write_section
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from results_md import publish
 
-        write_section("Launches and host syncs per step (step_budget.py)", body)
+    publish("Launches and host syncs per step (step_budget.py)", body, json_path=cli.json,
+            payload={"machine": machine(), "command": command, "results": results}, write=cli.write_results)
 
 
 if __name__ == "__main__":

@@ -333,15 +333,11 @@ def main() -> None:
         *planner_lines(),
         "```",
     ])
-    print(body)
-    if cli.json:
-        with open(cli.json, "w") as f:
-            json.dump({"machine": machine(), "command": command, "results": results}, f, indent=1)
-    if cli.write_results:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from results_md import write_section
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from results_md import publish
 
-        write_section("Step workspace: planner against measured peaks (step_workspace.py)", body)
+    publish("Step workspace: planner against measured peaks (step_workspace.py)", body, json_path=cli.json,
+            payload={"machine": machine(), "command": command, "results": results}, write=cli.write_results)
 
 
 if __name__ == "__main__":

@@ -207,10 +207,12 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def rounding_noise(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """16 random bits (int64 in [0, 2^16)) per weight element ``index`` (int64): a counter-based hash of
-    (seed, index mod 2^32), the same bits as the Triton kernel draws (kernels/update.py)."""
+    """16 random bits (int64 in [0, 2^16)) per weight element ``index`` (int64, overwritten: it is the first
+    temporary): a counter-based hash of (seed, index mod 2^32), the bits the Triton kernel draws
+    (kernels/update.py)."""
     lo, hi = split_seed(seed)
-    return _hash32((_hash32((index & 0xFFFFFFFF) ^ lo) + hi) & 0xFFFFFFFF) >> 16
+    x = _hash32(index.bitwise_and_(0xFFFFFFFF).bitwise_xor_(lo))
+    return _hash32(x.add_(hi).bitwise_and_(0xFFFFFFFF)) >> 16
 
 
 def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int,
@@ -254,9 +256,12 @@ def weight_update_(
         x = flat_w[chunk].to(torch.float32).mul_(decay)
         x += flat_u[chunk].to(torch.float32) * alpha  # (out of place: an fp32 u is the caller's N)
         if sr_seed is not None and w.dtype == torch.bfloat16:
-            e = torch.arange(chunk.start, chunk.stop, dtype=torch.int64, device=w.device)  # positions in w
-            index = offset + (e // cols) * strides[0] + (e % cols) * strides[1]
-            stochastic_round_(flat_w[chunk], x, sr_seed, index)
+            index = torch.arange(chunk.start, chunk.stop, dtype=torch.int64, device=w.device)  # positions in w
+            if index_strides is not None:  # (r, c) -> r·s_r + c·s_c, in place
+                rows = index // cols
+                index.remainder_(cols).mul_(strides[1]).add_(rows.mul_(strides[0]))
+                del rows
+            stochastic_round_(flat_w[chunk], x, sr_seed, index.add_(offset))
         else:
             flat_w[chunk].copy_(x)
     return w

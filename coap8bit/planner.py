@@ -322,28 +322,32 @@ def matrix_step_moments(a: int, b: int, r: int, *, event: str | None, grad_dtype
     def apply(base: dict[str, int], old_P: dict[str, int], fp32_P: bool) -> None:
         """The header (the old P, ``old_P``, is replaced at the commit that follows it), the moment update
         (N written over S), then W <- W - lr·N P (functional.apply_matrix_update_)."""
-        at("decide_step", {**base, **old_P})
+        # max |S|: one reduction on the GPU path; abs().amax() on the CPU path, an a×r |S| first.
+        at("decide_step", {**base, **old_P, **({"CPU: |S| (abs before amax)": 4 * ar} if cpu else {})})
         mu = ({"CPU: m, v, N, sqrt(v) (fp32)": 16 * ar, **rounding_cpu(ar, False)} if cpu else {})
         at("moment_update", {**base, **mu})
         if weight_dtype.itemsize == 4:
             at("apply_matrix_update_", base)
             return
-        # N and P in W's dtype, then per block of W's rows in memory order (a left-projected weight's rows are
-        # the canonical columns) U = N P for those rows in W's dtype, and weight_update_ folds it into W: the
-        # Triton kernel in place; its torch twin through chunks of fp32 and int64 temporaries (the counter-based
-        # rounding noise's hash). The next block's U is made while the last one is still bound.
+        # P in W's dtype, then per block of W's rows in memory order (a left-projected weight's rows are the
+        # canonical columns) U = N P for those rows in W's dtype — N cast whole for a left-projected weight (every
+        # block needs all of it), by block of rows otherwise — and weight_update_ folds it into W: the Triton
+        # kernel in place; its torch twin through chunks of fp32 and int64 temporaries (the counter-based
+        # rounding noise's hash). One block's U at a time.
         w = weight_dtype.itemsize
-        common = {**base, "N in W's dtype": w * ar, **({"P in W's dtype": w * rb} if fp32_P else {})}
         rows_u, count_u, last_u = row_blocks(*((b, a) if transposed else (a, b)), WORKSPACE_ELEMS)
         cols_u = a if transposed else b
-        pair_u = rows_u + (0 if count_u == 1 else rows_u if count_u >= 3 else last_u)
-        at("apply_matrix_update_", {**common, "U = N P rows (this and the last)": w * pair_u * cols_u})
+        N_w = {"N in W's dtype": w * ar} if transposed else {"N rows in W's dtype": w * rows_u * r}
+        common = {**base, **N_w, **({"P in W's dtype": w * rb} if fp32_P else {})}
+        at("apply_matrix_update_", {**common, "U = N P rows": w * rows_u * cols_u})
         if cpu:
             from .functional import _TWIN_CHUNK  # the twin's chunk (the kernel has none)
 
             chunk = min(rows_u * cols_u, _TWIN_CHUNK)
             if weight_dtype == torch.bfloat16 and stochastic_weight:
-                scratch = {"CPU: fp32 sum; int64 bits, element index, hash temporaries": 44 * chunk}
+                # (51 B per element: the twin's int64 element index, bits and hash temporaries at its hash's
+                # peak, as measured by benchmarks/step_workspace.py; only the CPU model uses it.)
+                scratch = {"CPU: fp32 sum; int64 bits, element index, hash temporaries": 51 * chunk}
             else:
                 scratch = {"CPU: fp32 sum, U in fp32, alpha·U": 12 * chunk}
             at("weight_update_", {**common, "U = N P rows": w * rows_u * cols_u, **scratch})
