@@ -120,8 +120,14 @@ def _dequantize_blockwise_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n_ele
     mask = offs < n_elements
     idx = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
     values = tl.load(code_ptr + idx, mask=mask, other=0.0) * tl.load(absmax_ptr + block)
-    # Stored in out's dtype, rounded to nearest even on a GPU as torch's .to(dtype) (the interpreter
-    # truncates fp32 -> bf16, so bf16/fp16 output is tested on a GPU only).
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even on the fp32 pattern (values are finite), so that the store below is exact: the
+        # same bf16 value torch's .to(bfloat16) gives, also in the interpreter (whose bf16 stores truncate).
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        values = bits.to(tl.float32, bitcast=True)
+    # Stored in out's dtype: exact for fp32 and bf16; fp16 is rounded by the store (to nearest even on a GPU;
+    # the interpreter truncates, so fp16 output is tested on a GPU only).
     tl.store(out_ptr + offs, values, mask=mask)
 
 

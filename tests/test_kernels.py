@@ -227,6 +227,17 @@ def test_quantize_keeps_sign_of_tiny_values():
     assert torch.equal(codes, Q.quantize_blockwise(x, signed=True, block_size=32)[0])
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantize_to_bf16_matches_twin(shape):
+    """bf16 output (the projector for a bf16 gradient's GEMMs): the kernel rounds to nearest even on the fp32
+    pattern itself, so it equals torch's .to(bfloat16) exactly, in the interpreter too."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    codes, absmax = KQ.quantize_blockwise(x, signed=True, block_size=64)
+    out = KQ.dequantize_blockwise(codes, absmax, signed=True, block_size=64, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, Q.dequantize_blockwise(codes, absmax, signed=True, block_size=64, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -327,7 +338,7 @@ def _optimizer(model: torch.nn.Module, backend: str) -> coap8bit.AdamW8bit:
     return opt
 
 
-def test_optimizer_triton_backend_matches_torch(monkeypatch):
+def test_optimizer_triton_backend_matches_torch(monkeypatch, request):
     """20 steps of AdamW8bit with the kernels against backend="torch", in lockstep: the reference model
     computes each gradient and both optimizers step on that same gradient. Differences between the paths
     then cannot feed back through the loss (a 1-ulp difference in a weight would otherwise change later
@@ -344,6 +355,10 @@ def test_optimizer_triton_backend_matches_torch(monkeypatch):
     spy(KQ, KQ.quantize_blockwise,
         lambda kw: "quantize_stochastic" if kw.get("noise") is not None else "quantize_nearest")
     spy(KQ, KQ.dequantize_blockwise, lambda kw: "dequantize")
+    # Backends are resolved once per (backend, device) and cached: forget any an earlier test resolved, before
+    # (so that the spies are seen) and after (so that no later test sees them).
+    dispatch._backend.cache_clear()
+    request.addfinalizer(dispatch._backend.cache_clear)
 
     reference, tested = _small_model(), _small_model()
     initial = [p.detach().clone() for p in reference.parameters()]
