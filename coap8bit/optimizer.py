@@ -236,9 +236,10 @@ class COAPAdamW(Optimizer):
         for key, (shape, dtype, fill) in state_spec(p, group, kind).items():
             state[key] = torch.full(shape, fill, dtype=dtype, device=p.device)
 
-    def _settle(self, state: dict, pending: torch.Tensor) -> None:
-        """Fold a parameter's skips decided on the device into its state: they did not advance its step."""
-        count = int(pending)  # a host sync: only at refresh steps and when the state is read
+    def _settle(self, state: dict, pending: torch.Tensor, count: int | None = None) -> None:
+        """Fold a parameter's skips decided on the device (``count``: already read) into its state: they did
+        not advance its step."""
+        count = int(pending) if count is None else count  # a host sync: at refresh steps and state reads only
         if count:
             pending.zero_()
             state["step"] -= count
@@ -247,10 +248,15 @@ class COAPAdamW(Optimizer):
     def settle_skips(self) -> None:
         """Count every skip decided on the device so far (the fused path defers that count to avoid a host sync
         per step): ``state[p]["step"]`` / ``["skipped"]`` are then exact. Done by ``state_dict``,
-        ``skipped_steps``, the reports, copies and at refresh steps."""
+        ``skipped_steps``, the reports, copies and at refresh steps. One read per device."""
+        by_device: dict[torch.device, list] = {}
         for p, pending in self._pending.items():
             if p in self.state:
-                self._settle(self.state[p], pending)
+                by_device.setdefault(pending.device, []).append((p, pending))
+        for items in by_device.values():
+            counts = torch.stack([pending for _, pending in items]).tolist()
+            for (p, pending), count in zip(items, counts):
+                self._settle(self.state[p], pending, count)
 
     def _count_skipped(self, state: dict, cause: Exception | None = None, count: int = 1) -> None:
         state["skipped"] += count
