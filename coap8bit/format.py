@@ -43,6 +43,7 @@ __all__ = [
     "HEADER_BOUND",
     "HEADER_DECAY",
     "HEADER_SIZE",
+    "new_header",
     "split_seed",
 ]
 
@@ -182,6 +183,14 @@ def new_numerics(device: torch.device) -> torch.Tensor:
 # kernel and the weight update read it, so that a skip decided on the device needs no host sync.
 HEADER_OK, HEADER_BC1, HEADER_BC2, HEADER_BOUND, HEADER_DECAY = 0, 1, 2, 3, 4
 HEADER_SIZE = 5
+
+
+def new_header(ok: bool, bc1: float, bc2: float, bound: float, decay: float, device) -> torch.Tensor:
+    """A step header built on the host (the torch path's, or a known-applied step's)."""
+    values = [0.0] * HEADER_SIZE
+    values[HEADER_OK], values[HEADER_BC1], values[HEADER_BC2] = float(ok), bc1, bc2
+    values[HEADER_BOUND], values[HEADER_DECAY] = bound, decay
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 # Stochastic rounding's random bits are a hash of (seed, element index), computed alike by the torch path

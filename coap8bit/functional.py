@@ -12,12 +12,11 @@ from .format import (
     HEADER_BC1,
     HEADER_BC2,
     HEADER_BOUND,
-    HEADER_DECAY,
     HEADER_OK,
-    HEADER_SIZE,
     NUMERICS_BOUND_HITS,
     NUMERICS_FLOOR_HITS,
     NUMERICS_MAX_N,
+    new_header,
     split_seed,
 )
 from .projection import row_blocks
@@ -191,10 +190,7 @@ def step_header(
     ok = bool(moments_stay_finite(*peaks, beta1=beta1, beta2=beta2, step=t))
     if defer and not ok:
         pending += 1
-    values = [0.0] * HEADER_SIZE
-    values[HEADER_OK], values[HEADER_BC1], values[HEADER_BC2] = float(ok), 1.0 - beta1**t, 1.0 - beta2**t
-    values[HEADER_BOUND], values[HEADER_DECAY] = bound, decay if ok else 1.0
-    return torch.tensor(values, dtype=torch.float32, device=m_absmax.device)
+    return new_header(ok, 1.0 - beta1**t, 1.0 - beta2**t, bound, decay if ok else 1.0, m_absmax.device)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from ..format import (
     NUMERICS_FLOOR_HITS,
     NUMERICS_MAX_N,
     code_map,
+    new_header,
     new_numerics,
     num_blocks,
 )
@@ -238,10 +239,7 @@ def moment_update_8bit(
 def host_header(step: int, beta1: float, beta2: float, bound: float, device: torch.device,
                 decay: float = 1.0) -> torch.Tensor:
     """A step header built on the host for a step known to be applied (format.HEADER_*)."""
-    values = [0.0] * HEADER_SIZE
-    values[HEADER_OK], values[HEADER_BC1], values[HEADER_BC2] = 1.0, 1.0 - beta1**step, 1.0 - beta2**step
-    values[HEADER_BOUND], values[HEADER_DECAY] = bound, decay
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return new_header(True, 1.0 - beta1**step, 1.0 - beta2**step, bound, decay, device)
 
 
 # Absmax entries the header kernel reads per iteration.
