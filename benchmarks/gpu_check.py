@@ -259,6 +259,27 @@ class Outcome:
     output: str
 
 
+def live_members(group: int) -> list[int]:
+    """The processes of ``group`` that are still running (zombies excluded), from /proc; [] where there is none."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it ended while we looked
+        if fields[0] != "Z" and int(fields[2]) == group:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def wait_for_group_to_die(group: int, limit_s: float = 30.0) -> None:
+    """SIGKILL is delivered asynchronously: a grandchild can still be running for a moment after the child has
+    been reaped, so the next part could start beside it. Wait until /proc shows none of the group left."""
+    deadline = time.monotonic() + limit_s
+    while live_members(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def run_child(command: list[str], limit_s: float, env: dict, log, title: str) -> Outcome:
     """Runs ``command`` in its own process group, stopped with everything it started after ``limit_s``;
     its output goes to ``log`` under ``title``."""
@@ -272,6 +293,7 @@ def run_child(command: list[str], limit_s: float, env: dict, log, title: str) ->
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # pytest's and Triton's compiler processes too
             proc.wait()
+            wait_for_group_to_die(proc.pid)
             timed_out = True
         out.seek(0)
         output = out.read()
