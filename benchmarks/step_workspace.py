@@ -14,6 +14,10 @@ allocated inside it: its bytes, ``accounting.state_bytes``, are subtracted). :fu
 checks this arithmetic on a known allocation pattern; :func:`warm_up` builds the process-wide caches (code
 maps, rounding tables) before anything is measured.
 
+Cases: the unblocked step at the default row blocks and at small ones (``projection.WORKSPACE_ELEMS``), and the
+row-blocked step (``step.step_matrix_blocked``, what LLaMA-7B's projected matrices take) with
+``projection.STEP_BLOCK_ELEMS`` lowered so that these small matrices take it, in several blocks.
+
 The model: ``coap8bit.planner.matrix_step_moments`` with ``cpu=True``: the GPU (Triton) path's tensors plus
 the CPU path's extra temporaries (the kernels' torch twins: "CPU: ..." terms). Each moment of the model names
 the step function it is in; the profiler's Python stack gives those functions' time ranges, and the peak
@@ -50,7 +54,13 @@ EVENT_AT_STEP = {1: "init", 2: None, 3: "sgd", 5: "reproject"}
 SHAPES = ((512, 128), (512, 512), (1376, 512), (512, 1376), (2000, 512))
 # Row blocks of 2**16 elements (instead of 2**24): several blocks per matrix, as for LLaMA-7B's large layers.
 BLOCKED_ELEMS = 1 << 16
-CASES = tuple((shape, None) for shape in SHAPES) + (((2000, 512), BLOCKED_ELEMS), ((512, 1376), BLOCKED_ELEMS))
+# The row-blocked step (projection.STEP_BLOCK_ELEMS lowered from 2**20, so that these a×r exceed it): what
+# LLaMA-7B's projected layers take, at blocks of 2**16 elements (2**20 for LLaMA-7B).
+STEP_ELEMS = 1 << 16
+# (shape, projection.WORKSPACE_ELEMS, projection.STEP_BLOCK_ELEMS); None: as it is.
+CASES = (tuple((shape, None, None) for shape in SHAPES)
+         + (((2000, 512), BLOCKED_ELEMS, None), ((512, 1376), BLOCKED_ELEMS, None))
+         + tuple((shape, None, STEP_ELEMS) for shape in ((2000, 512), (512, 1376), (1376, 512))))
 RANK_RATIOS = (2, 4)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMALL = 4096  # bytes: allocations below this are "small"
@@ -177,27 +187,30 @@ def compare(timeline: Timeline, moments, offset: int) -> dict[str, dict]:
 
 
 @contextlib.contextmanager
-def workspace_elems(elems: int | None):
-    """``projection.WORKSPACE_ELEMS`` set to ``elems`` (None: as it is), for the step and the model alike."""
-    if elems is None:
-        yield
-        return
-    default, projection.WORKSPACE_ELEMS = projection.WORKSPACE_ELEMS, elems
+def workspace_elems(elems: int | None, step_elems: int | None = None):
+    """``projection.WORKSPACE_ELEMS`` set to ``elems`` and ``projection.STEP_BLOCK_ELEMS`` to ``step_elems``
+    (None: as they are), for the step and the model alike."""
+    default = projection.WORKSPACE_ELEMS, projection.STEP_BLOCK_ELEMS
+    if elems is not None:
+        projection.WORKSPACE_ELEMS = elems
+    if step_elems is not None:
+        projection.STEP_BLOCK_ELEMS = step_elems
     try:
         yield
     finally:
-        projection.WORKSPACE_ELEMS = default
+        projection.WORKSPACE_ELEMS, projection.STEP_BLOCK_ELEMS = default
 
 
-def measure(rows: int, cols: int, rank_ratio: int, dtype: str, elems: int | None = None) -> list[dict]:
+def measure(rows: int, cols: int, rank_ratio: int, dtype: str, elems: int | None = None,
+            step_elems: int | None = None) -> list[dict]:
     """Steps t=1..5 of one weight: each measured step's peak against the model, whole and per function.
-    ``elems``: the row blocks' size (``workspace_elems``)."""
+    ``elems``, ``step_elems``: the row blocks' sizes (``workspace_elems``)."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(rows, cols).to(DTYPES[dtype]))
     opt = coap8bit.AdamW8bit([p], rank_ratio=rank_ratio, backend="torch", **SCHEDULE)
     group = opt.param_groups[0]
     results = []
-    with workspace_elems(elems):
+    with workspace_elems(elems, step_elems):
         for t in range(1, max(EVENT_AT_STEP) + 1):
             p.grad = torch.randn(rows, cols).to(p.dtype)
             if t not in EVENT_AT_STEP:
@@ -209,18 +222,26 @@ def measure(rows: int, cols: int, rank_ratio: int, dtype: str, elems: int | None
             moments = model_moments(p, group, event, cpu=True)
             peak, small = timeline.peak()
             results.append({"shape": [rows, cols], "rank_ratio": rank_ratio, "dtype": dtype, "event": event,
-                            "workspace_elems": projection.WORKSPACE_ELEMS, "measured": peak - state,
+                            "workspace_elems": projection.WORKSPACE_ELEMS,
+                            "step_block_elems": projection.STEP_BLOCK_ELEMS,
+                            "blocked_step": _blocked(p, group), "measured": peak - state,
                             "small": small, "model_cpu": max(m.bytes for m in moments),
                             "model_gpu": max(m.bytes for m in model_moments(p, group, event, cpu=False)),
                             "sites": compare(timeline, moments, state)})
     return results
 
 
+def _blocked(p: torch.Tensor, group: dict) -> bool:
+    """Whether ``p`` takes the row-blocked step (step.blocked_rows' rule for a whole parameter)."""
+    lay = matrix_layout(p, group)
+    return projection.step_row_blocks(lay.a, lay.b, lay.rank, group["block_size"]) is not None
+
+
 def measure_all() -> list[dict]:
     check_method()
     warm_up(tuple(DTYPES))
-    return [row for shape, elems in CASES for ratio in RANK_RATIOS for dtype in DTYPES
-            for row in measure(*shape, ratio, dtype, elems)]
+    return [row for shape, elems, step_elems in CASES for ratio in RANK_RATIOS for dtype in DTYPES
+            for row in measure(*shape, ratio, dtype, elems, step_elems)]
 
 
 def error(model: int, measured: int) -> float:
@@ -233,17 +254,19 @@ def event_name(event: str | None) -> str:
 
 def table(results: list[dict]) -> str:
     events = sorted({row["event"] for row in results}, key=REFRESH_EVENTS.index)
-    lines = ["| shape | row block (elements) | rank_ratio | dtype | " + " | ".join(event_name(e) for e in events)
-             + " | GPU-path model (max over events) |", "|---|---:|---:|---|" + "---:|" * (len(events) + 1)]
+    lines = ["| shape | step | row block (elements) | rank_ratio | dtype | " + " | ".join(event_name(e) for e in events)
+             + " | GPU-path model (max over events) |", "|---|---|---:|---:|---|" + "---:|" * (len(events) + 1)]
     groups: dict[tuple, dict] = {}
     for row in results:
-        key = (tuple(row["shape"]), row["workspace_elems"], row["rank_ratio"], row["dtype"])
+        key = (tuple(row["shape"]), row["blocked_step"], row["step_block_elems"] if row["blocked_step"] else
+               row["workspace_elems"], row["rank_ratio"], row["dtype"])
         groups.setdefault(key, {})[row["event"]] = row
-    for (shape, elems, ratio, dtype), by_event in groups.items():
+    for (shape, blocked, elems, ratio, dtype), by_event in groups.items():
         cells = [f"{by_event[e]['measured'] / MIB:.3f} / {by_event[e]['model_cpu'] / MIB:.3f} "
                  f"({100 * error(by_event[e]['model_cpu'], by_event[e]['measured']):+.1f}%)" for e in events]
         gpu = max(row["model_gpu"] for row in by_event.values())
-        lines.append(f"| {shape[0]}×{shape[1]} | 2^{elems.bit_length() - 1} | {ratio} | {dtype} | " + " | ".join(cells)
+        lines.append(f"| {shape[0]}×{shape[1]} | {'row-blocked' if blocked else 'whole'} | 2^{elems.bit_length() - 1} | "
+                     f"{ratio} | {dtype} | " + " | ".join(cells)
                      + f" | {gpu / MIB:.3f} |")
     return "\n".join(lines)
 
@@ -311,10 +334,13 @@ def main() -> None:
         "",
         "Peak transient bytes of one weight's step (beyond the weight, its gradient and the optimizer state), "
         "measured with torch.profiler's memory events on the CPU path (backend=\"torch\"), against "
-        "`planner.matrix_step_moments(..., cpu=True)`; each cell: measured / model MiB (model error). Row block: "
-        "`projection.WORKSPACE_ELEMS` (2^24 is the default; at 2^16 these matrices are read in several row blocks, "
-        "as LLaMA-7B's large ones are). The last column is the GPU (Triton) path's model, what the planner uses. "
-        "Method and rules in the script's docstring.",
+        "`planner.matrix_step_moments(..., cpu=True)`; each cell: measured / model MiB (model error). Step \"whole\": "
+        "the unblocked step, its row block `projection.WORKSPACE_ELEMS` (2^24 is the default; at 2^16 these "
+        "matrices' a×b casts are made in several row blocks). Step \"row-blocked\": `step.step_matrix_blocked`, "
+        "what every projected LLaMA-7B matrix takes (a×r above `projection.STEP_BLOCK_ELEMS`, 2^20 by default, "
+        "lowered here to the column's value so that these shapes take it; its moment and weight pass merges "
+        "`projection.STEP_APPLY_BLOCKS` = 4 blocks). The last column is the GPU (Triton) path's model, what the "
+        "planner uses. Method and rules in the script's docstring.",
         "",
         table(results),
         "",

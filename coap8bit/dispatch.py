@@ -19,8 +19,8 @@ import torch
 from . import functional as Fn
 from . import quant as Q
 
-__all__ = ["BACKENDS", "Backend", "backend_for", "use_triton", "moment_update_8bit", "step_header", "weight_update_",
-           "quantize_blockwise", "dequantize_blockwise"]
+__all__ = ["BACKENDS", "Backend", "backend_for", "use_triton", "moment_update_8bit", "moment_update_32bit",
+           "step_header", "weight_update_", "quantize_blockwise", "dequantize_blockwise"]
 
 BACKENDS = ("auto", "torch", "triton")
 _TRUE = ("1", "true", "yes", "on")  # the values Triton's own TRITON_INTERPRET knob reads as set
@@ -88,6 +88,11 @@ def moment_update_8bit(backend: str, device: torch.device | str) -> Callable[...
     return _select(backend, device, Fn.moment_update_8bit, "moments")
 
 
+def moment_update_32bit(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """Adam on fp32 moments in one launch (signature of :func:`coap8bit.functional.moment_update_32bit`)."""
+    return _select(backend, device, Fn.moment_update_32bit, "moments")
+
+
 def step_header(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
     """The on-device verdict and constants of an 8-bit step (signature of :func:`coap8bit.functional.step_header`)."""
     return _select(backend, device, Fn.step_header, "moments")
@@ -118,6 +123,7 @@ class Backend:
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     dequantize: Callable[..., torch.Tensor]
     moment_update_8bit: Callable[..., torch.Tensor]
+    moment_update_32bit: Callable[..., torch.Tensor]
     step_header: Callable[..., torch.Tensor]
     weight_update_: Callable[..., torch.Tensor]
     fused: bool
@@ -126,7 +132,8 @@ class Backend:
 @functools.lru_cache(maxsize=None)
 def _backend(backend: str, device: torch.device, interpret: bool) -> Backend:
     return Backend(backend, quantize_blockwise(backend, device), dequantize_blockwise(backend, device),
-                   moment_update_8bit(backend, device), step_header(backend, device),
+                   moment_update_8bit(backend, device), moment_update_32bit(backend, device),
+                   step_header(backend, device),
                    weight_update_(backend, device), use_triton(backend, device))
 
 

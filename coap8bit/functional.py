@@ -5,6 +5,9 @@ CPU path and the oracle the kernel tests compare against. Signatures match one t
 """
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 from .bound import adam_update_bound
@@ -30,6 +33,7 @@ from .quant import (
 
 __all__ = [
     "moments_stay_finite",
+    "moments_stay_finite_host",
     "adam_moment_update_",
     "normalized_update",
     "moment_update_8bit",
@@ -69,6 +73,31 @@ def moments_stay_finite(g_peak: torch.Tensor, m_peak: torch.Tensor, v_peak: torc
             & torch.isfinite(g_peak * g_peak))
 
 
+_FP32 = struct.Struct("<f")
+
+
+def _fp32(x: float) -> float:
+    """``x`` rounded to fp32 (±inf beyond its range; NaN stays NaN), as a Python float."""
+    try:
+        return _FP32.unpack(_FP32.pack(x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def moments_stay_finite_host(g_peak: float, m_peak: float, v_peak: float, *, beta1: float, beta2: float,
+                             step: int) -> bool:
+    """:func:`moments_stay_finite` on host floats: the same operations in the same order, each rounded to fp32 as
+    the tensor version's are (a double holds an fp32 product or sum exactly enough that rounding it once to fp32
+    is fp32's own rounding: 53 >= 2·24 + 2 bits), without a dozen 0-dim tensor ops per parameter."""
+    f = _fp32
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    g, m, v = f(g_peak), f(m_peak), f(v_peak)
+    m_next = f(f(m * f(beta1)) + f(f(1.0 - beta1) * g))
+    v_next = f(f(v * f(beta2)) + f(f(f(1.0 - beta2) * g) * g))
+    return all(math.isfinite(x) for x in (f(m_next * f(2.0 / bc1)), f(v_next * f(2.0 / bc2)), f(g * g)))
+
+
 def normalized_update(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int, beta1: float, beta2: float,
                       bound: float, numerics: torch.Tensor | None = None):
     """N = m̂ / (√v̂ + eps) with Adam's bias correction at ``step`` (1-based), clamped to ±``bound`` (the
@@ -78,14 +107,27 @@ def normalized_update(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int
 
 
 def _normalized(m: torch.Tensor, v: torch.Tensor, *, eps: float, bc1: float, bc2: float, bound: float,
-                numerics: torch.Tensor | None) -> torch.Tensor:
-    N = (m / bc1) / ((v / bc2).sqrt_().add_(eps))
+                numerics: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """N = (m / bc1) / (√(v / bc2) + eps) clamped to ±bound, into ``out`` when given; ``numerics`` counted."""
+    N = torch.div(m, bc1, out=out).div_((v / bc2).sqrt_().add_(eps))
     if numerics is not None:
+        _count_bound_hits(N, bound, numerics)
+    return N.clamp_(-bound, bound)
+
+
+def _count_bound_hits(N: torch.Tensor, bound: float | torch.Tensor, numerics: torch.Tensor) -> None:
+    """Elements of N beyond ±bound and the largest |N|, added to the counters."""
+    if N.device.type == "cpu" and not isinstance(bound, torch.Tensor):
+        # On the CPU (host reads are free): two read-only reductions give the peak, and the elements beyond
+        # the bound, rare, are counted only when the peak says there are some.
+        peak = torch.maximum(N.amax(), N.amin().neg()).abs_() if N.numel() else N.new_zeros(())
+        if bool(peak > bound):
+            numerics[NUMERICS_BOUND_HITS] += (N.abs() > bound).sum()
+    else:
         magnitude = N.abs()
         peak = magnitude.amax() if N.numel() else N.new_zeros(())
         numerics[NUMERICS_BOUND_HITS] += (magnitude > bound).sum()
-        numerics[NUMERICS_MAX_N] = torch.maximum(numerics[NUMERICS_MAX_N], peak.to(torch.float64))
-    return N.clamp_(-bound, bound)
+    numerics[NUMERICS_MAX_N] = torch.maximum(numerics[NUMERICS_MAX_N], peak.to(torch.float64))
 
 
 def moment_update_32bit(
@@ -153,14 +195,18 @@ def moment_update_8bit(
     m = dequantize_blockwise(m_codes, m_absmax, signed=True, block_size=block_size)
     v = dequantize_second_moment(v_codes, v_absmax, block_size=block_size)
     adam_moment_update_(g.to(torch.float32), m, v, beta1=beta1, beta2=beta2)
-    N = _normalized(m, v, eps=eps, bc1=bc1, bc2=bc2, bound=bound, numerics=numerics)
+    # N straight into ``out`` (which may be g: the moments above have read it).
+    N = _normalized(m, v, eps=eps, bc1=bc1, bc2=bc2, bound=bound, numerics=numerics,
+                    out=out if out is not None and out.dtype == torch.float32 and out.is_contiguous()
+                    and out.shape == m.shape else None)
     quantize_blockwise(m, signed=True, block_size=block_size, out_codes=m_codes, out_absmax=m_absmax)
     quantize_second_moment(v, block_size=block_size, out_codes=v_codes, out_absmax=v_absmax)
-    if numerics is not None:
+    if numerics is not None and (v_codes.device.type != "cpu" or (v_codes.numel() and bool(v_codes.amin() == 0))):
         # At the floor code with a non-zero first moment: the elements whose N the floor bounds (where 0.1.0's
-        # zero code gave m̂/eps). Elements that never had a gradient (m = 0) sit at the floor harmlessly.
+        # zero code gave m̂/eps). Elements that never had a gradient (m = 0) sit at the floor harmlessly. (On
+        # the CPU the codes' minimum, one cheap read, says first whether there is any floor code.)
         numerics[NUMERICS_FLOOR_HITS] += ((v_codes == 0) & (m != 0)).sum()
-    return N if out is None else out.copy_(N)
+    return N if out is None or N is out else out.copy_(N)
 
 
 def step_header(
@@ -186,8 +232,8 @@ def step_header(
     # The peaks read once, the verdict on the host in fp32 0-dim tensors: this path serves the CPU, where a
     # handful of scalar ops beats a dozen device-shaped ones.
     m_peak = m_absmax.amax() if m_absmax.numel() else m_absmax.new_zeros(())
-    peaks = torch.stack([g_peak.to(torch.float32), m_peak, second_moment_peak(v_absmax)]).cpu()
-    ok = bool(moments_stay_finite(*peaks, beta1=beta1, beta2=beta2, step=t))
+    peaks = torch.stack([g_peak.to(torch.float32), m_peak, second_moment_peak(v_absmax)]).tolist()
+    ok = moments_stay_finite_host(*peaks, beta1=beta1, beta2=beta2, step=t)
     if defer and not ok:
         pending += 1
     return new_header(ok, 1.0 - beta1**t, 1.0 - beta2**t, bound, decay if ok else 1.0, m_absmax.device)

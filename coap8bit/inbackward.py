@@ -152,15 +152,37 @@ class InBackward:
         first = slot.micro_batches == 0
         slot.micro_batches += 1
         if self._accumulates_lowrank(p, group):
-            self._accumulate_lowrank(p, p.grad, group, slot, first)
+            ctx = None
+            if self.accumulation_steps == 1:
+                ctx = self.optimizer.param_step(p, group)
+                if self._step_blocked(ctx, p, slot):
+                    return
+            self._accumulate_lowrank(p, p.grad, group, slot, first, ctx)
             p.grad = None  # the full gradient is freed at once; only the a×r sum survives the micro-batch
         if slot.micro_batches >= self.accumulation_steps:
             self._finish(p, slot)
 
-    def _accumulate_lowrank(self, p, grad, group, slot: _Accumulation, first: bool) -> None:
+    def _step_blocked(self, ctx: S.ParamStep, p: torch.Tensor, slot: _Accumulation) -> bool:
+        """Without accumulation, a large projected weight takes the row-blocked step (``step.step_matrix_blocked``:
+        no a×r low-rank gradient is held, ``max_grad_norm`` clips it on the fly) and its gradient is freed.
+        Returns False (nothing done) for a weight that takes the unblocked step."""
+        blocks = S.blocked_rows(ctx)
+        if blocks is None:
+            return False
+        step = ctx.state["step"] + 1
+        try:
+            S.step_matrix_blocked(ctx, p.grad, step, blocks, max_norm=self.max_grad_norm)
+            ctx.state["step"] = step
+        except (S.SkipStep, torch.linalg.LinAlgError) as e:
+            self.optimizer._count_skipped(ctx.state, e)
+        p.grad = None
+        slot.micro_batches, slot.lowrank, slot.skip = 0, None, None
+        return True
+
+    def _accumulate_lowrank(self, p, grad, group, slot: _Accumulation, first: bool, ctx=None) -> None:
         if slot.skip is not None:
             return
-        ctx = self.optimizer.param_step(p, group)
+        ctx = self.optimizer.param_step(p, group) if ctx is None else ctx
         # The projector can only be refreshed from a full gradient, and only the current micro-batch's exists.
         try:
             lowrank = S.project_gradient(ctx, grad, ctx.state["step"] + 1, refresh=first,

@@ -21,7 +21,10 @@ Peak of one training step (an additive, deliberately simple model; assumptions p
                 (Triton) path, read off the code: the dequantized P, S = G Pᵀ in fp32 and the GEMM's output in
                 the gradient's dtype, N in the weight's dtype and its product with P by row blocks; at refreshes
                 the dequantized M and the a×r and r×b temporaries of the SGD step, the range finder's sketch
-                and Q, isfinite's temporaries, the old S while S is recomputed with the new P. Checked against
+                and Q, isfinite's temporaries, the old S while S is recomputed with the new P. For layers above
+                ``projection.STEP_BLOCK_ELEMS`` (every projected LLaMA-7B matrix) the row-blocked step: r×b and
+                r×r terms (P, YᵀY, YᵀG and the SVD of B; P Pᵀ, the SGD gradient and K) plus one block of rows;
+                with --accumulation-steps k > 1 the unblocked step, which accumulation takes. Checked against
                 peaks measured on the CPU path (benchmarks/step_workspace.py, tests/test_workspace.py: within
                 10%). One fp32 copy of the largest tensor for torch AdamW; none for bitsandbytes' fused kernel
   activations   gradient checkpointing at every decoder layer, bf16, fused attention (no T×T scores):
@@ -182,7 +185,7 @@ class Moment:
 def matrix_step_moments(a: int, b: int, r: int, *, event: str | None, grad_dtype: torch.dtype = torch.bfloat16,
                         weight_dtype: torch.dtype = torch.bfloat16, transposed: bool = False, block_size: int = 256,
                         stochastic_projector: bool = True, stochastic_weight: bool = True,
-                        cpu: bool = False) -> list[Moment]:
+                        cpu: bool = False, blocked: bool = True) -> list[Moment]:
     """The moments of peak transient memory in one step of a projected weight with canonical shape a×b
     (``transposed``: the weight is b×a, projected on the left) and rank r, for refresh ``event``
     (``REFRESH_EVENTS``), read off the code (step.py, functional.py, projection.py, distributed.LocalMatrix) with
@@ -193,10 +196,14 @@ def matrix_step_moments(a: int, b: int, r: int, *, event: str | None, grad_dtype
     The GPU (Triton) path runs the same torch code except five fused kernels: dequantize (allocates its output
     only), quantize (codes and absmax only), the step header, the moment update (writes N over S) and the weight
     update (in place). ``cpu=True`` models the CPU path instead: it adds the terms named "CPU: ...", what the
-    torch twins of those kernels allocate on top (a dequantize's int32 code indices and fp32 values; the fp32 m,
-    v, N and rounding temporaries of the moment update; the rounding temporaries of a quantize; the weight
-    update's fp32 and int64 temporaries, chunk by chunk)."""
-    from .projection import WORKSPACE_ELEMS
+    torch twins of those kernels allocate on top (a dequantize's fp32 values before a cast; the fp32 m, v and
+    rounding temporaries of the moment update; the rounding temporaries of a quantize; the weight
+    update's fp32 and int64 temporaries, chunk by chunk).
+
+    A layer whose a·r exceeds ``projection.STEP_BLOCK_ELEMS`` takes the row-blocked step (step.step_matrix_blocked:
+    :func:`_blocked_step_moments`) unless ``blocked`` is False: the unblocked step that in-backward accumulation
+    over several micro-batches takes (project_gradient, then apply_lowrank on the accumulated a×r sum)."""
+    from .projection import WORKSPACE_ELEMS, merge_blocks, step_row_blocks
 
     if event not in REFRESH_EVENTS:
         raise ValueError(f"event must be one of {REFRESH_EVENTS}, got {event!r}")
@@ -228,12 +235,10 @@ def matrix_step_moments(a: int, b: int, r: int, *, event: str | None, grad_dtype
     def dequantize(base: dict[str, int], name: str, n: int, itemsize: int, site: str, call: int = 0
                    ) -> dict[str, int]:
         """A dequantize into ``itemsize``-byte values (the Triton kernel allocates its output only; the torch
-        twin looks fp32 values up by int32 code indices, then casts them); returns the output."""
+        twin on the CPU writes fp32 values with bitsandbytes' kernel, then casts them); returns the output."""
         out = {name: itemsize * n}
-        if cpu:
-            at(site, {**base, "CPU: code indices (int32), fp32 values": 8 * n}, call)
-            if itemsize != 4:
-                at(site, {**base, "CPU: fp32 values": 4 * n, **out}, call)
+        if cpu and itemsize != 4:
+            at(site, {**base, "CPU: fp32 values": 4 * n, **out}, call)
         at(site, {**base, **out}, call)
         return out
 
@@ -324,7 +329,7 @@ def matrix_step_moments(a: int, b: int, r: int, *, event: str | None, grad_dtype
         (N written over S), then W <- W - lr·N P (functional.apply_matrix_update_)."""
         # max |S|: one reduction on the GPU path; abs().amax() on the CPU path, an a×r |S| first.
         at("decide_step", {**base, **old_P, **({"CPU: |S| (abs before amax)": 4 * ar} if cpu else {})})
-        mu = ({"CPU: m, v, N, sqrt(v) (fp32)": 16 * ar, **rounding_cpu(ar, False)} if cpu else {})
+        mu = ({"CPU: m, v, sqrt(v) (fp32; N written over S)": 12 * ar, **rounding_cpu(ar, False)} if cpu else {})
         at("moment_update", {**base, **mu})
         if weight_dtype.itemsize == 4:
             at("apply_matrix_update_", base)
@@ -352,6 +357,14 @@ def matrix_step_moments(a: int, b: int, r: int, *, event: str | None, grad_dtype
                 scratch = {"CPU: fp32 sum, U in fp32, alpha·U": 12 * chunk}
             at("weight_update_", {**common, "U = N P rows": w * rows_u * cols_u, **scratch})
 
+    blocked = step_row_blocks(a, b, r, block_size) if blocked else None
+    if blocked is not None:
+        _blocked_step_moments(at, dequantize, rounding_cpu, a=a, b=b, r=r, rows=blocked[0].stop,
+                              apply_rows=merge_blocks(blocked)[0].stop, event=event,
+                              grad_dtype=grad_dtype, weight_dtype=weight_dtype, transposed=transposed,
+                              block_size=block_size, stochastic_projector=stochastic_projector,
+                              stochastic_weight=stochastic_weight, cpu=cpu)
+        return moments
     if event == "init":
         at("all_finite", isfinite("G", a * b, grad_dtype.itemsize), 0)
         omega = {"Gaussian sketch Ω (b×r)": 4 * rb}
@@ -389,15 +402,121 @@ def matrix_step_moments(a: int, b: int, r: int, *, event: str | None, grad_dtype
     return moments
 
 
+def _blocked_step_moments(at, dequantize, rounding_cpu, *, a: int, b: int, r: int, rows: int, apply_rows: int,
+                          event: str | None,
+                          grad_dtype: torch.dtype, weight_dtype: torch.dtype, transposed: bool, block_size: int,
+                          stochastic_projector: bool, stochastic_weight: bool, cpu: bool) -> None:
+    """The moments of the row-blocked step (step.step_matrix_blocked, a·r above projection.STEP_BLOCK_ELEMS),
+    ``rows`` rows per block of the refresh, ``apply_rows`` per block of the moment and weight pass (the first,
+    full block: every block's temporaries are alike and freed before the next). Held whole: r×b and r×r only —
+    P, the range finder's YᵀY (fp64), YᵀG and its SVD, the SGD step's P Pᵀ, gradient D and K; everything a-sized
+    is one block of rows."""
+    from .functional import _TWIN_CHUNK
+
+    gi, wi, cast = grad_dtype.itemsize, weight_dtype.itemsize, grad_dtype.itemsize != 4
+    rb, rr, Rr, Rb = r * b, r * r, rows * r, rows * b
+    G32 = {"fp32 rows of G (block)": 4 * Rb} if cast else {}
+    S32 = {"S rows (fp32)": 4 * Rr}
+
+    def sign_fix(base: dict[str, int], site: str) -> None:
+        """projection.canonical_signs_ / align_signs_: the whole-tensor rule on chunks of P's rows (2^18 elements
+        at most): the negation and the selection of one chunk."""
+        chunk = max(1, (1 << 18) // b) * b
+        at(site, {**base, "sign fix of a chunk of P's rows: -P, where(...)": 8 * min(rb, chunk)})
+
+    def quantize(P_new: dict[str, int], noise: bool) -> dict[str, int]:
+        """step._quantize_projector_blocked: codes (and the noise), then the unrounded P and the noise are freed
+        before the dequantization; returns what stays pending until the commit."""
+        noise_term = {"rounding noise (fp32)": 4 * rb} if noise else {}
+        codes = {"P_new codes, absmax": rb + 4 * -(-rb // block_size)}
+        at("quantize", {**P_new, **noise_term, **(rounding_cpu(rb, noise) if cpu else codes)})
+        dequantize(codes, "P_new dequantized", rb, 4, "_quantize_projector_blocked")
+        return {**codes, "P_new (fp32, pending)": 4 * rb}
+
+    def apply(base: dict[str, int]) -> None:
+        """step._apply_blocked: pass 1 (max |S| of each block of S in G's dtype), the header, pass 2 (S rows in
+        fp32, N over them, the rows of W). ``base`` holds P in G's dtype (and a pending projector)."""
+        Rr, Rb = apply_rows * r, apply_rows * b
+        S32 = {"S rows (fp32)": 4 * Rr}
+        S_g = {"S rows in G's dtype": gi * Rr}
+        at("_apply_blocked", {**base, **S_g})
+        if cpu:  # _peak on the CPU torch path: abs().amax()
+            at("_peak", {**base, **S_g, "CPU: |S rows|": gi * Rr})
+        at("_apply_blocked", {**base, **(S_g if cast else {}), **S32})
+        mu = {"CPU: m, v, sqrt(v) rows (fp32; N written over S)": 12 * Rr, **rounding_cpu(Rr, False)} if cpu else {}
+        at("_moment_rows", {**base, **S32, **mu})
+        P_w = {} if weight_dtype == grad_dtype else {"P in W's dtype": wi * rb}
+        if weight_dtype.itemsize == 4:
+            at("_update_rows", {**base, **P_w, **S32})
+            return
+        U = {"U = N P rows (W's dtype)": wi * Rb}
+        at("_update_rows", {**base, **P_w, **S32, "N rows in W's dtype": wi * Rr, **U})
+        work = {"contiguous copy of W's rows": wi * Rb} if transposed else {}  # canonical rows = W's columns
+        if cpu:
+            chunk = min(Rb, _TWIN_CHUNK)
+            if weight_dtype == torch.bfloat16 and stochastic_weight:
+                scratch = {"CPU: fp32 sum; int64 bits, element index, hash temporaries": 51 * chunk}
+            else:
+                scratch = {"CPU: fp32 sum, U in fp32, alpha·U": 12 * chunk}
+            at("weight_update_", {**base, **P_w, **S32, **U, **work, **scratch})
+        else:
+            at("_update_rows", {**base, **P_w, **S32, **U, **work})
+
+    if event is None:
+        P = dequantize({}, "P in G's dtype", rb, gi, "_projector_as")
+        apply(P)
+        return
+    if event == "init":
+        sketch = {"YᵀY (fp64, r×r)": 8 * rr, "YᵀG (r×b)": 4 * rb}
+        omega = {"Gaussian sketch Ω (b×r)": 4 * rb}
+        at("seeded_normal", {**sketch, **omega})
+        Y = {"Y = G Ω rows": 4 * Rr}
+    elif event == "reproject":
+        sketch = {"YᵀY (fp64, r×r)": 8 * rr, "YᵀG (r×b)": 4 * rb}
+        omega = dequantize(sketch, "P_old in G's dtype", rb, gi, "_projector_as")
+        Y = {**({"Y = G P_oldᵀ rows in G's dtype": gi * Rr} if cast else {}), "Y rows (fp32)": 4 * Rr}
+        at("_refresh_blocked", {**sketch, **omega, **G32, **Y})
+        Y = {"Y rows (fp32)": 4 * Rr}
+    if event in ("init", "reproject"):
+        at("add_rows", {**sketch, **omega, **G32, **Y, "Y rows (fp64)": 8 * Rr})
+        # gram_projector: Cholesky of YᵀY (in place scaled), L in fp32, B = L⁻¹ YᵀG, SVD of B.
+        at("_cholesky_shifted_", {**sketch, "L (fp64)": 8 * rr})
+        at("gram_projector", {"L (fp64)": 8 * rr, "L (fp32)": 4 * rr, "YᵀG (r×b)": 4 * rb})
+        at("gram_projector", {"L (fp32)": 4 * rr, "YᵀG (r×b)": 4 * rb, "B = L⁻¹ YᵀG": 4 * rb})
+        at("gram_projector", {"B = L⁻¹ YᵀG": 4 * rb, "SVD: copy of B, Vᵀ": 8 * rb, "SVD: U": 4 * rr})
+        P_new = {"P_new (fp32)": 4 * rb}
+        if event == "init":
+            sign_fix(P_new, "canonical_signs_")
+        else:
+            P_old = dequantize(P_new, "P_old (fp32)", rb, 4, "_projector_as", 1)
+            sign_fix({**P_new, **P_old}, "align_signs_")
+        pending = quantize(P_new, noise=False)
+    else:  # "sgd": two passes over the blocks with S in fp32 (G's fp32 rows times the fp32 P)
+        P = dequantize({}, "P (fp32)", rb, 4, "_projector_as")
+        base = {**P, "P Pᵀ (r×r)": 4 * rr}
+        block = {**G32, **S32, "M rows (fp32)": 4 * Rr}
+        dequantize({**base, **G32, **S32}, "M rows (fp32)", Rr, 4, "_refresh_blocked")  # step._moment_rows_loader
+        # Per-row terms: M PPᵀ (or S PPᵀ) rows and vecdot's product.
+        at("loss_terms", {**base, **block, "M PPᵀ rows, vecdot product": 8 * Rr})
+        grad = {"∇L accumulator D (r×b)": 4 * rb, "K (r×r)": 4 * rr}
+        at("gradient_terms", {**base, **grad, **block, "X rows, S·α (or M·u) rows": 8 * Rr})
+        at("stepped", {**base, **grad})
+        P_new = {"P_new (D, fp32)": 4 * rb}
+        pending = quantize(P_new, noise=stochastic_projector)
+    P_g = {"P_new in G's dtype": gi * rb} if cast else {}
+    apply({**pending, **P_g})
+
+
 def matrix_step_workspace(a: int, b: int, r: int, **kwargs) -> int:
     """Peak transient bytes of one matrix step (:func:`matrix_step_moments`, same arguments)."""
     return max(m.bytes for m in matrix_step_moments(a, b, r, **kwargs))
 
 
-def coap_workspace_bytes(params, **optimizer_kwargs) -> int:
+def coap_workspace_bytes(params, *, blocked: bool = True, **optimizer_kwargs) -> int:
     """Transient bytes of coap8bit's step for its most expensive parameter and refresh event, on the GPU
-    (Triton) path with gradients in the weight's dtype: :func:`matrix_step_workspace` for projected weights;
-    unprojected tensors: at most 16 B/element of fp32 temporaries (N, the fp32 rows of W, rounding noise)."""
+    (Triton) path with gradients in the weight's dtype: :func:`matrix_step_workspace` for projected weights
+    (``blocked=False``: the unblocked step for every layer, as in-backward accumulation takes it); unprojected
+    tensors: at most 16 B/element of fp32 temporaries (N, the fp32 rows of W, rounding noise)."""
     from .layout import matrix_layout
     from .optimizer import AdamW8bit
 
@@ -412,7 +531,7 @@ def coap_workspace_bytes(params, **optimizer_kwargs) -> int:
                 lay.a, lay.b, lay.rank, event=event, grad_dtype=p.dtype, weight_dtype=p.dtype,
                 transposed=lay.transposed, block_size=group["block_size"],
                 stochastic_projector=group["proj_rounding"] == "stochastic",
-                stochastic_weight=group["bf16_stochastic_rounding"]) for event in REFRESH_EVENTS))
+                stochastic_weight=group["bf16_stochastic_rounding"], blocked=blocked) for event in REFRESH_EVENTS))
         elif kind != "tucker":
             worst = max(worst, 16 * p.numel() if p.dtype == torch.bfloat16 else 0)
     return worst
@@ -459,12 +578,18 @@ def plan(spec: ModelSpec, *, rank_ratio: float = 2.0, seq_len: int = 2048, batch
     largest = max(numels)
     kw = dict(rank_ratio=rank_ratio, **(coap_kwargs or {}))
     bnb = sum(bnb_adamw8bit_bytes(n) for n in numels) + (BNB_QMAP_BYTES if largest >= BNB_MIN_8BIT_SIZE else 0)
+    # In-backward accumulation over micro-batches takes the unblocked step (its a×r sums exist anyway); the
+    # workspace term is then the unblocked step's, in both columns (for "full", where optimizer.step() would
+    # take the row-blocked one, an overestimate).
+    blocked = accumulation_steps == 1
     optimizers = {
         "AdamW fp32": (8 * trainable, 4 * largest),
         "AdamW bf16": (4 * trainable, 4 * largest),
         "bnb AdamW8bit": (bnb, 0),
-        "COAP 8bit + fp32 P": (coap_state_bytes(params, fp32_projector=True, **kw), coap_workspace_bytes(params, **kw)),
-        f"coap8bit r/{rank_ratio:g}": (coap_state_bytes(params, **kw), coap_workspace_bytes(params, **kw)),
+        "COAP 8bit + fp32 P": (coap_state_bytes(params, fp32_projector=True, **kw),
+                               coap_workspace_bytes(params, blocked=blocked, **kw)),
+        f"coap8bit r/{rank_ratio:g}": (coap_state_bytes(params, **kw),
+                                       coap_workspace_bytes(params, blocked=blocked, **kw)),
     }
     weights = (trainable + spec.frozen_vision_params) * weight_bytes
     act = activation_bytes(spec, batch, seq_len)

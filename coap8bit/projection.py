@@ -9,11 +9,15 @@ Everything here works on the *canonical* orientation of a weight: a matrix G of 
 
 A weight whose natural orientation has fewer rows than columns is handled by transposing it (a view) —
 one code path for both sides, never a left/right copy. All math is fp32; P is stored 8-bit by the caller.
+
+The row-blocked step of large layers (step.step_matrix_blocked) uses :func:`step_row_blocks` and the refreshes
+from sums over row blocks: :class:`GramSketch` (a Q-less range finder) and :class:`BlockedProjectorStep`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import struct
 from typing import Callable
 
@@ -29,6 +33,11 @@ __all__ = [
     "projector_loss_and_grad",
     "projector_sgd_step",
     "align_signs",
+    "STEP_BLOCK_ELEMS",
+    "step_row_blocks",
+    "merge_blocks",
+    "GramSketch",
+    "BlockedProjectorStep",
 ]
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left")
@@ -37,6 +46,35 @@ PROJ_TYPES = ("std", "reverse_std", "right", "left")
 # stochastic rounding) is made one block of rows at a time, at most this many elements: 64 MiB per
 # temporary whatever the layer, instead of 4 bytes per element of a 32000×4096 embedding (0.5 GiB).
 WORKSPACE_ELEMS = 1 << 24
+
+
+# The row-blocked matrix step (step.py): a layer whose a×r fp32 temporaries would exceed this many elements
+# (4 MiB) steps one block of canonical rows at a time, each block holding at most this many elements of any
+# a-row temporary (rows·b of G, rows·r of S, N, M); smaller layers take the unblocked step, unchanged.
+STEP_BLOCK_ELEMS = 1 << 20
+# The pass that updates the moments and the weight holds less per row (no r×b accumulators beside it), so it
+# takes this many of those blocks at once: fewer launches per step for the same peak.
+STEP_APPLY_BLOCKS = 4
+
+
+def step_row_blocks(a: int, b: int, r: int, block_size: int, max_elems: int | None = None) -> list[slice] | None:
+    """Row blocks of the blocked matrix step of a canonical a×b matrix at rank r, or None when its a×r fits
+    in ``max_elems`` (default STEP_BLOCK_ELEMS): the unblocked step. Every block but the last has a number of
+    rows whose rows·r is a multiple of ``block_size``, so that a block of rows of the a×r 8-bit moments is a
+    contiguous slice of their codes and of their absmax; a block has at most ``max_elems`` elements of G (at
+    least that alignment's rows)."""
+    max_elems = STEP_BLOCK_ELEMS if max_elems is None else max_elems
+    if a * r <= max_elems:
+        return None
+    align = block_size // math.gcd(r, block_size)
+    rows = max(align, max_elems // max(1, b, r) // align * align)
+    return [slice(start, min(a, start + rows)) for start in range(0, a, rows)]
+
+
+def merge_blocks(blocks: list[slice], k: int | None = None) -> list[slice]:
+    """Consecutive groups of ``k`` (default STEP_APPLY_BLOCKS) blocks as one (the moment and weight pass)."""
+    k = STEP_APPLY_BLOCKS if k is None else k
+    return [slice(blocks[i].start, blocks[min(i + k, len(blocks)) - 1].stop) for i in range(0, len(blocks), k)]
 
 
 def row_blocks(rows: int, cols: int, max_elems: int | None = None) -> list[slice]:
@@ -295,3 +333,180 @@ def rotation(P_old: torch.Tensor, P_new: torch.Tensor) -> torch.Tensor:
     """C = P_old P_newᵀ (r×r): moments in the old basis, m (a×r), map to the new one as m C
     (the projection of m P_old onto the new subspace)."""
     return P_old.to(torch.float32) @ P_new.to(torch.float32).mT
+
+
+# ---------------------------------------------------------------------------------------------- blocked refresh
+# The refreshes of the row-blocked matrix step (step.py): every sum over rows is accumulated block by block,
+# so that no a×r or a×b temporary exists; what is held whole is r×r and r×b.
+
+def _signs_by_rows_(P: torch.Tensor, fix: Callable[[torch.Tensor], torch.Tensor], chunk: int = 1 << 18) -> torch.Tensor:
+    """``P`` with ``fix`` (canonical_signs, align_signs) applied to chunks of its rows, in place: the same
+    values as ``fix(P)`` (both are row-wise), with chunk-sized temporaries."""
+    for rows in row_blocks(P.shape[0], P.shape[1], chunk):
+        P[rows] = fix(P[rows])
+    return P
+
+
+def canonical_signs_(P: torch.Tensor) -> torch.Tensor:
+    """:func:`canonical_signs` in place, with bounded temporaries."""
+    return _signs_by_rows_(P, canonical_signs)
+
+
+def align_signs_(P_new: torch.Tensor, P_old: torch.Tensor) -> torch.Tensor:
+    """:func:`align_signs` in place, with bounded temporaries."""
+    rows_of = iter(row_blocks(P_new.shape[0], P_new.shape[1], 1 << 18))
+    return _signs_by_rows_(P_new, lambda X: align_signs(X, P_old[next(rows_of)]))
+
+
+class GramSketch:
+    """The randomized range finder of :func:`range_finder` without Q, from sums over row
+    blocks: for a sketch Y = G Ω (a×k) given block by block with G's rows, accumulate YᵀY (k×k, fp64: its
+    condition number is Y's squared) and YᵀG (k×b). With YᵀY = L Lᵀ (Cholesky; Y = Q Lᵀ), Qᵀ G = L⁻¹ YᵀG = B,
+    so the projector — the top-``rank`` right singular vectors of B — is the QR path's, without the a×k Q.
+    A Y of rank below k (YᵀY singular) is shifted until the factorization succeeds: B still spans the row
+    space of YᵀG and its SVD still gives orthonormal rows. :meth:`gram_projector` drops the sums as it goes.
+    Power iterations: :meth:`power_basis` gives Z, and a new sketch of Y = G Z takes the next pass over G."""
+
+    def __init__(self, k: int, b: int, device: torch.device):
+        self.YtY = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.YtG = torch.zeros(k, b, dtype=torch.float32, device=device)
+
+    def add_rows(self, Y: torch.Tensor, G: torch.Tensor) -> None:
+        """One block of rows: the sketch's Y (rows×k, fp32) and G's same rows (fp32)."""
+        Y64 = Y.to(torch.float64)
+        self.YtY.addmm_(Y64.mT, Y64)
+        del Y64
+        self.YtG.addmm_(Y.mT, G)
+
+    def finite(self) -> torch.Tensor:
+        """0-dim bool: the sums are finite (a non-finite entry of Y or G makes them non-finite)."""
+        return torch.isfinite(torch.linalg.vector_norm(self.YtY, float("inf"))
+                              + torch.linalg.vector_norm(self.YtG, float("inf")))
+
+    def gram_B(self) -> torch.Tensor:
+        """B = L⁻¹ YᵀG = Qᵀ G (k×b); drops the sums."""
+        L = _cholesky_shifted_(self.YtY)  # (overwrites YᵀY)
+        self.YtY = None
+        L32 = L.to(torch.float32)
+        del L
+        B = torch.linalg.solve_triangular(L32, self.YtG, upper=False)  # L⁻¹ YᵀG = Qᵀ G
+        self.YtG = None
+        return B
+
+    def gram_projector(self, rank: int) -> torch.Tensor:
+        """P (rank×b, orthonormal rows): the top-``rank`` right singular vectors of B; raises LinAlgError if the
+        SVD fails."""
+        B = self.gram_B()
+        Vh = torch.linalg.svd(B, full_matrices=False).Vh
+        del B
+        return Vh[:rank].contiguous()
+
+    def power_basis(self) -> torch.Tensor:
+        """Z = qr(Bᵀ).Q (b×k): the next sketch is G Z, one power (subspace) iteration of
+        :func:`range_finder` (its Q ← qr(G qr(Gᵀ Q))); drops the sums."""
+        B = self.gram_B()
+        return torch.linalg.qr(B.mT).Q
+
+
+def _cholesky_shifted_(A: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of the symmetric positive semi-definite ``A`` scaled in place to a unit largest
+    diagonal (a positive scale of the factor does not change B's right singular vectors); if that is singular
+    (or not positive definite in floating point), of it plus δI, δ growing from 1e-13 until it works."""
+    scale = float(A.diagonal().amax()) if A.numel() else 1.0
+    A.div_(scale if scale > 0.0 and math.isfinite(scale) else 1.0)  # (a zero sketch: A = 0, any shift works)
+    L, info = torch.linalg.cholesky_ex(A)
+    delta = 1e-13
+    while int(info) != 0:
+        if delta > 1.0:
+            raise torch.linalg.LinAlgError("Cholesky of the sketch's Gram matrix failed")
+        del L
+        A.diagonal().add_(delta - (delta / 100.0 if delta > 1e-13 else 0.0))  # A + δI
+        L, info = torch.linalg.cholesky_ex(A)
+        delta *= 100.0
+    return L
+
+
+class BlockedProjectorStep:
+    """:func:`projector_sgd_step` (one process, G held whole) from two passes over row blocks of (S, M, G),
+    S = G Pᵀ and M the first moment (rows×r, fp32), G's rows in fp32: the same L and ∇L, with r×r and r×b
+    sums only.
+
+    Pass 1 (:meth:`loss_terms`): ‖G‖², ⟨P, SᵀG⟩ = Σ_i ‖S_i‖² (S = G Pᵀ), ⟨SᵀS, PPᵀ⟩ = Σ_i S_i PPᵀ S_iᵀ and
+    Σ_i cos_i, so that E, c and the gradient's weights α = 2(1 − c)/Z and β = E/a are known. Pass 2
+    (:meth:`gradient_terms`): ∇L = α(PPᵀ SᵀG − 2 SᵀG + SᵀS P) − β(Mᵀ diag(w) G − Mᵀ diag(u) M P) accumulates as
+    D = Σ_blocks X_blkᵀ G_blk with X = α(S PPᵀᵀ − 2S) − β diag(w) M, and K = Σ α SᵀS + β Mᵀ diag(u) M (r×r),
+    D += K P at the end. Per-row quantities (cos_i, w_i, u_i) need only their block."""
+
+    def __init__(self, P: torch.Tensor, objective: str = "relative", cos_eps: float = 1e-8):
+        if objective not in ("reference", "relative"):
+            raise ValueError(f"proj_objective must be 'relative' or 'reference', got {objective!r}")
+        self.objective, self.cos_eps = objective, cos_eps
+        self.PPt = P @ P.mT  # r×r
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=P.device)  # noqa: E731
+        self.g_total, self.PSG, self.StS_PPt, self.cos_sum = zero(), zero(), zero(), zero()
+        self.rows, self.b = 0, P.shape[1]
+        self.D = self.K = None
+
+    def _per_row(self, S: torch.Tensor, M: torch.Tensor, G: torch.Tensor):
+        """‖G_i‖², cos_i, w_i, u_i of a block (as projector_loss_and_grad)."""
+        g_sq = torch.linalg.vector_norm(G, dim=1).square_()
+        dots = torch.linalg.vecdot(M, S)  # ⟨A_i, G_i⟩
+        MP = M @ self.PPt
+        a_sq = torch.linalg.vecdot(MP, M).clamp_min_(0.0)  # ‖A_i‖²
+        del MP
+        denom = a_sq.sqrt() * g_sq.sqrt()
+        clamped = denom <= self.cos_eps
+        denom = torch.where(clamped, torch.full_like(denom, self.cos_eps), denom)
+        cos = dots / denom
+        w = 1.0 / denom
+        u = torch.where(clamped | (a_sq == 0), torch.zeros_like(cos), cos / a_sq.clamp_min(1e-30))
+        return g_sq, cos, w, u
+
+    def loss_terms(self, S: torch.Tensor, M: torch.Tensor, G: torch.Tensor) -> None:
+        """Pass 1, one block of rows."""
+        g_sq, cos, _, _ = self._per_row(S, M, G)
+        self.g_total += g_sq.sum(dtype=torch.float64)
+        self.cos_sum += cos.sum(dtype=torch.float64)
+        self.PSG += torch.linalg.vector_norm(S, dtype=torch.float64).square()
+        SP = S @ self.PPt.mT
+        self.StS_PPt += torch.linalg.vecdot(SP, S).sum(dtype=torch.float64)
+        self.rows += S.shape[0]
+
+    def loss_weights(self) -> None:
+        """Between the passes: E, c, and the gradient's weights α, β (as projector_loss_and_grad's, in fp64)."""
+        a = self.rows
+        if self.objective == "reference":
+            Z = torch.tensor(float(a * self.b), dtype=torch.float64, device=self.PPt.device)
+        else:
+            Z = self.g_total.clamp_min(torch.finfo(torch.float32).tiny)
+        self.c = self.cos_sum / max(a, 1)
+        self.E = ((self.g_total - 2.0 * self.PSG + self.StS_PPt) / Z).clamp_min(0.0)
+        self.alpha = (2.0 * (1.0 - self.c) / Z).to(torch.float32)
+        self.beta = (self.E / max(a, 1)).to(torch.float32)
+
+    def gradient_terms(self, S: torch.Tensor, M: torch.Tensor, G: torch.Tensor) -> None:
+        """Pass 2, one block of rows (the same blocks as pass 1)."""
+        if self.D is None:
+            self.D = self.PPt.new_zeros(self.PPt.shape[0], self.b)
+            self.K = torch.zeros_like(self.PPt)
+        _, _, w, u = self._per_row(S, M, G)
+        X = S @ self.PPt.mT
+        X.add_(S, alpha=-2.0).mul_(self.alpha)
+        X.addcmul_(M, w.unsqueeze(1) * self.beta, value=-1.0)
+        self.D.addmm_(X.mT, G)
+        del X
+        self.K.addmm_(S.mT, S * self.alpha)
+        self.K.addmm_((M * (u * self.beta).unsqueeze(1)).mT, M)
+
+    def stepped(self, P: torch.Tensor, *, lr: float, max_grad_norm: float) -> torch.Tensor:
+        """P − lr·clip·∇L (clip_grad_norm_'s rule), written over the gradient's buffer; returns it."""
+        D = self.D
+        self.D = None
+        D.addmm_(self.K, P)
+        self.K = None
+        norm = torch.linalg.vector_norm(D)
+        clip = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+        return D.mul_(-lr * clip).add_(P)
+
+    def loss(self) -> torch.Tensor:
+        return self.E * (1.0 - self.c)

@@ -12,6 +12,11 @@ A matrix step (t = the parameter's step number, 1-based)::
 Every step is all or nothing: anything that would make it non-finite raises :class:`SkipStep` (or QR/SVD
 raises ``LinAlgError``) before the first write, and the caller counts the skip.
 
+A large matrix (a·r above ``projection.STEP_BLOCK_ELEMS``, held whole: not an FSDP2 shard, no observer) takes
+the same step by blocks of canonical rows instead, :func:`step_matrix_blocked`: no a×r or a×b temporary, the
+refreshes from sums over the blocks (``projection.GramSketch``, ``projection.BlockedProjectorStep``), the
+all-or-nothing decision from a first pass that computes max |S|; docs/design.md ("the row-blocked step").
+
 Numerics (every kind): the normalized update N = m̂/(√v̂+eps) is clamped to exact Adam's bound for the
 group's betas at that step (``bound.adam_update_bound``; a no-op for exact moments, it removes quantization
 artefacts), and counted in ``state["numerics"]``.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -34,7 +40,7 @@ from .qstate import StateTensor, moments, projector
 
 __all__ = ["SkipStep", "check_grad", "refresh_event", "ParamStep", "StepObserver", "PendingProjector",
            "LowRankGradient", "Verdict", "decide_step", "take_step", "project_gradient", "apply_lowrank",
-           "rotate_moments"]
+           "rotate_moments", "blocked_rows", "step_matrix_blocked"]
 
 # Purposes mixed into derive_seed so that streams of different uses never coincide.
 SEED_INIT, SEED_PROJ_SR, SEED_PARAM_SR = 1, 2, 3
@@ -176,13 +182,15 @@ class LowRankGradient:
 
 
 # ---------------------------------------------------------------------------------------------- moments
-def moments_fit(ctx: ParamStep, g: torch.Tensor, step: int, ops=None) -> None:
+def moments_fit(ctx: ParamStep, g: torch.Tensor | None, step: int, ops=None, *,
+                peak: torch.Tensor | None = None) -> None:
     """Raise SkipStep unless an Adam update with ``g`` keeps the moments finite (which also requires g
     finite): checked before anything is written, so a skipped step leaves state bit-identical. One host
-    sync; on FSDP2 shards the verdict is all-reduced so that every rank skips alike."""
+    sync; on FSDP2 shards the verdict is all-reduced so that every rank skips alike. ``peak``: max |g|
+    already known (the blocked step's), instead of ``g``."""
     beta1, beta2 = ctx.group["betas"]
     m, v = ctx.moments()
-    g_peak = g.abs().amax().to(torch.float32)
+    g_peak = (g.abs().amax() if peak is None else peak).to(torch.float32)
     fits = Fn.moments_stay_finite(g_peak, m.peak(), v.peak(), beta1=beta1, beta2=beta2, step=step)
     _require(bool(fits) if ops is None else ops.all_true(bool(fits), fits.device))
 
@@ -196,23 +204,25 @@ class Verdict:
     decay: float | torch.Tensor
 
 
-def decide_step(ctx: ParamStep, g: torch.Tensor, step: int, ops=None) -> Verdict:
+def decide_step(ctx: ParamStep, g: torch.Tensor | None, step: int, ops=None, *,
+                peak: torch.Tensor | None = None) -> Verdict:
     """Whether the step with (low-rank) gradient ``g`` may be taken: all or nothing, before anything is
     written. On the host (SkipStep, one sync), or on the device when ``ctx.defers_skip(step)``: the header
     then carries the verdict to the moment kernel and the weight update, and a skip is counted in
-    ``ctx.pending``. ``ops``: shards whose verdicts must agree (FSDP2)."""
+    ``ctx.pending``. ``ops``: shards whose verdicts must agree (FSDP2). ``peak``: max |g| (0-dim, NaN if g
+    holds one) when the caller has it instead of ``g`` (the blocked step)."""
     group = ctx.group
     beta1, beta2 = group["betas"]
     decay = 1.0 - float(group["lr"]) * group["weight_decay"]
     m, v = ctx.moments()
     defer = ctx.defers_skip(step)
     if not m.quantized and not defer:  # fp32 state on the host path: the host check
-        moments_fit(ctx, g, step, ops)
+        moments_fit(ctx, g, step, ops, peak=peak)
         return Verdict(None, decay)
     # The header reads the moments' peaks from 8-bit state's absmax, or from fp32 state's one-element peaks
     # (√v for v: the header squares it, as for the second moment's stored √v).
     m_peaks, v_peaks = (m.absmax, v.absmax) if m.quantized else (m.peak().reshape(1), v.peak().sqrt().reshape(1))
-    header = ctx.backend.step_header(_peak(g, ctx.backend), m_peaks, v_peaks, ctx.pending,
+    header = ctx.backend.step_header(_peak(g, ctx.backend) if peak is None else peak, m_peaks, v_peaks, ctx.pending,
                                      step=step, beta1=beta1, beta2=beta2, bound=adam_update_bound(beta1, beta2, step),
                                      decay=decay, defer=defer)
     if not defer:
@@ -243,12 +253,19 @@ def moment_update(ctx: ParamStep, g: torch.Tensor, step: int, verdict: Verdict,
                                            eps=ctx.group["eps"], block_size=ctx.block_size, header=verdict.header,
                                            numerics=ctx.state["numerics"], out=out)
     else:
-        N = Fn.moment_update_32bit(g, m.load(), v.load(), beta1=beta1, beta2=beta2, eps=ctx.group["eps"], step=step,
-                                   bound=adam_update_bound(beta1, beta2, step), numerics=ctx.state["numerics"],
-                                   header=verdict.header)
+        m32, v32 = m.load(), v.load()
+        N = _moment_update_32bit(ctx, m32, v32)(g, m32, v32, beta1=beta1, beta2=beta2, eps=ctx.group["eps"],
+                                                step=step, bound=adam_update_bound(beta1, beta2, step),
+                                                numerics=ctx.state["numerics"], header=verdict.header)
     if token is not None:
         ctx.observer.moments_after(ctx, token, g, step)
     return N
+
+
+def _moment_update_32bit(ctx: ParamStep, m: torch.Tensor, v: torch.Tensor):
+    """The backend's fp32-moment update (one Triton launch on the fused path), or the torch twin for moments
+    held in a strided layout (the kernel updates contiguous state in place)."""
+    return ctx.backend.moment_update_32bit if m.is_contiguous() and v.is_contiguous() else Fn.moment_update_32bit
 
 
 def _scratch(ctx: ParamStep, t: torch.Tensor) -> torch.Tensor | None:
@@ -374,7 +391,231 @@ def apply_lowrank(ctx: ParamStep, lowrank: LowRankGradient, step: int) -> None:
                             index_strides=(1, layout.a) if layout.transposed else (layout.b, 1))
 
 
+# ---------------------------------------------------------------------------------------------- blocked step
+def blocked_rows(ctx: ParamStep) -> list[slice] | None:
+    """The row blocks of the blocked matrix step for this parameter (``projection.step_row_blocks``), or None:
+    the unblocked step (a×r within ``projection.STEP_BLOCK_ELEMS``; FSDP2 shards; a quantization-error
+    observer, which measures whole tensors)."""
+    if ctx.kind != Kind.MATRIX or ctx.shard is not None or ctx.observer is not None:
+        return None
+    lay = ctx.layout
+    return proj.step_row_blocks(lay.a, lay.b, lay.rank, ctx.block_size)
+
+
+def _projector_as(ctx: ParamStep, dtype: torch.dtype) -> torch.Tensor:
+    """The stored projector in ``dtype``, not cached in the context (the blocked step frees it when done;
+    under fp32 state the state's own tensor when ``dtype`` is fp32: read only)."""
+    view = ctx.projector("proj")
+    if not view.quantized:
+        return view.load().to(dtype)
+    return ctx.backend.dequantize(view.codes, view.absmax, signed=True, block_size=ctx.block_size, dtype=dtype)
+
+
+def _fp32_rows(G: torch.Tensor, rows: slice) -> torch.Tensor:
+    return G[rows].to(torch.float32)
+
+
+def _moment_rows(ctx: ParamStep, g: torch.Tensor, rows: slice, step: int, verdict: Verdict) -> torch.Tensor:
+    """:func:`moment_update` of the moments' rows ``rows`` (a contiguous slice of the codes and absmax:
+    ``step_row_blocks`` aligns the blocks); N written over ``g`` (fp32, contiguous, the step's own)."""
+    beta1, beta2 = ctx.group["betas"]
+    m, v = ctx.moments()
+    if m.quantized:
+        r, bs = g.shape[1], ctx.block_size
+        blocks = slice(rows.start * r // bs, -(-rows.stop * r // bs))
+        return ctx.backend.moment_update_8bit(g, m.codes[rows], m.absmax[blocks], v.codes[rows], v.absmax[blocks],
+                                              beta1=beta1, beta2=beta2, eps=ctx.group["eps"], block_size=bs,
+                                              header=verdict.header, numerics=ctx.state["numerics"], out=g)
+    m32, v32 = m.load()[rows], v.load()[rows]
+    return _moment_update_32bit(ctx, m32, v32)(g, m32, v32, beta1=beta1, beta2=beta2, eps=ctx.group["eps"],
+                                               step=step, bound=adam_update_bound(beta1, beta2, step),
+                                               numerics=ctx.state["numerics"], header=verdict.header)
+
+
+def _update_rows(ctx: ParamStep, W: torch.Tensor, N: torch.Tensor, P_w: torch.Tensor, rows: slice, step: int,
+                 verdict: Verdict) -> None:
+    """W[rows] <- decay·W[rows] - lr·scale·N P on the canonical view W (a×b): ``functional.apply_matrix_update_``
+    for those rows, with the stochastic rounding's hash counting each element at its index in the whole weight
+    (so the bits are the unblocked step's). ``P_w``: P in W's dtype."""
+    group, layout = ctx.group, ctx.layout
+    if W.dtype in (torch.float32, torch.float64):
+        Fn.apply_matrix_update_(W[rows], N, P_w, lr=group["lr"], weight_decay=group["weight_decay"],
+                                scale=group["scale"], sr_seed=None, decay=verdict.decay)
+        return
+    strides = (1, layout.a) if layout.transposed else (layout.b, 1)  # canonical (i, j) -> weight element
+    kw = dict(decay=verdict.decay, alpha=-group["lr"] * group["scale"], sr_seed=ctx.param_sr_seed(step),
+              offset=rows.start * strides[0], index_strides=strides)
+    U = N.to(W.dtype) @ P_w
+    block = W[rows]
+    if block.is_contiguous():
+        ctx.backend.weight_update_(block, U, **kw)
+        return
+    work = block.contiguous()  # (a left-projected weight's canonical rows are its columns)
+    ctx.backend.weight_update_(work, U, **kw)
+    del U
+    block.copy_(work)
+
+
+def _apply_blocked(ctx: ParamStep, G: torch.Tensor, P: torch.Tensor, pending: PendingProjector | None, step: int,
+                   blocks: list[slice], max_norm: float | None) -> None:
+    """:func:`apply_lowrank` by row blocks, S never whole: pass 1 computes max |S| (and ‖S‖ when clipping to
+    ``max_norm``) for the all-or-nothing decision; then the pending projector is committed and pass 2
+    recomputes each block of S = G Pᵀ, updates its moments (N over S) and its rows of W. The blocks are the
+    refresh's merged by ``projection.STEP_APPLY_BLOCKS``."""
+    layout = ctx.layout
+    blocks = proj.merge_blocks(blocks)
+    P_g = P.to(G.dtype)
+    peak, sq = None, None
+    for rows in blocks:
+        S = G[rows] @ P_g.mT  # (in G's dtype: its max |·| is that of its fp32 cast)
+        blk = _peak(S, ctx.backend).to(torch.float32)
+        peak = blk if peak is None else torch.maximum(peak, blk)
+        if max_norm is not None:
+            n2 = torch.linalg.vector_norm(S, dtype=torch.float64).square()
+            sq = n2 if sq is None else sq + n2
+        del S
+    factor = None
+    if max_norm is not None:  # inbackward.clip_norm_'s rule on the whole S
+        norm = math.sqrt(float(sq))
+        if math.isfinite(norm) and norm > max_norm:
+            factor = max_norm / (norm + 1e-6)
+            peak = peak * factor
+    verdict = decide_step(ctx, None, step, peak=peak)
+    if pending is not None:
+        commit_projector(ctx, pending, step)
+    W = proj.canonical(dist_.local(ctx.p), layout)
+    P_w = P_g if W.dtype == G.dtype else P.to(W.dtype)
+    for rows in blocks:
+        S = (G[rows] @ P_g.mT).to(torch.float32)
+        if factor is not None:
+            S.mul_(factor)
+        N = _moment_rows(ctx, S, rows, step, verdict)
+        _update_rows(ctx, W, N, P_w, rows, step, verdict)
+        del S, N
+
+
+def _quantize_projector_blocked(ctx: ParamStep, holder: list[torch.Tensor], sr_seed: int | None) -> PendingProjector:
+    """:func:`quantize_projector` of the projector in ``holder`` (taken out of it: the only reference) holding
+    less at once: it and the noise are freed before the dequantization, and the pending projector keeps no
+    unrounded copy (``target`` is the stored value; no observer reads it)."""
+    P = holder.pop()
+    view = ctx.projector("proj")
+    if not view.quantized:
+        return PendingProjector("proj", P, P)
+    noise = proj.seeded_uniform(tuple(P.shape), sr_seed, P.device) if sr_seed is not None else None
+    codes, absmax = view.quantize(P, noise)
+    del noise, P
+    stored = ctx.backend.dequantize(codes, absmax, signed=True, block_size=ctx.block_size)
+    return PendingProjector("proj", stored, stored, codes, absmax)
+
+
+def _finite0d(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool, no temporary of t's size: whether t is finite (vector_norm's inf-norm propagates NaN)."""
+    return torch.isfinite(torch.linalg.vector_norm(t, float("inf")))
+
+
+def _refresh_blocked(ctx: ParamStep, G: torch.Tensor, event: str, step: int, blocks: list[slice]) -> torch.Tensor:
+    """The refreshed projector (fp32 r×b, not quantized) of the blocked step: the range finder from YᵀY and
+    YᵀG (``projection.GramSketch``), or the SGD step from two passes (``projection.BlockedProjectorStep``).
+    Raises SkipStep on non-finite data (checked on sums over the blocks: a non-finite entry makes them so)."""
+    group, rank, b = ctx.group, ctx.layout.rank, ctx.layout.b
+    finite = []
+    if event in ("init", "reproject"):
+        sketch = proj.GramSketch(rank, b, G.device)
+        if event == "init":  # the unblocked step's Ω: seeded, the same on every process
+            omega = proj.seeded_normal((b, rank), ctx.seed(0, SEED_INIT), G.device)
+            for rows in blocks:
+                G32 = _fp32_rows(G, rows)
+                finite.append(_finite0d(G32))
+                sketch.add_rows(G32 @ omega, G32)
+                del G32
+            del omega
+        else:  # warm start: Y = S = G P_oldᵀ, the GEMM in G's dtype as the unblocked step's S
+            P_g = _projector_as(ctx, G.dtype)
+            for rows in blocks:
+                G32 = _fp32_rows(G, rows)
+                sketch.add_rows((G[rows] @ P_g.mT).to(torch.float32), G32)
+                del G32
+            del P_g
+        finite.append(sketch.finite())
+        _require(bool(torch.stack(finite).all()))
+        for _ in range(group["power_iters"]):  # Q ← qr(G qr(Gᵀ Q)): one more pass over G each
+            Z = sketch.power_basis()
+            sketch = proj.GramSketch(rank, b, G.device)
+            for rows in blocks:
+                G32 = _fp32_rows(G, rows)
+                sketch.add_rows(G32 @ Z, G32)
+                del G32
+            del Z
+            _require(bool(sketch.finite()))
+        P_new = sketch.gram_projector(rank)
+        del sketch
+        if event == "init":
+            return proj.canonical_signs_(P_new)
+        return proj.align_signs_(P_new, _projector_as(ctx, torch.float32))
+    # "sgd": S in fp32 (G's fp32 rows times the fp32 P), so that ⟨P, SᵀG⟩ = Σ‖S_i‖² holds to fp32 rounding.
+    P = _projector_as(ctx, torch.float32)
+    m = ctx.moments()[0]
+    M_rows = _moment_rows_loader(ctx, m, rank)
+    sgd = proj.BlockedProjectorStep(P, objective=group["proj_objective"])
+    for rows in blocks:
+        G32 = _fp32_rows(G, rows)
+        S = G32 @ P.mT
+        finite.append(_finite0d(S))
+        sgd.loss_terms(S, M_rows(rows), G32)
+        del G32, S
+    _require(bool(torch.stack(finite).all()))
+    sgd.loss_weights()
+    for rows in blocks:
+        G32 = _fp32_rows(G, rows)
+        S = G32 @ P.mT
+        sgd.gradient_terms(S, M_rows(rows), G32)
+        del G32, S
+    return sgd.stepped(P, lr=group["proj_lr"], max_grad_norm=group["proj_max_grad_norm"])
+
+
+def _moment_rows_loader(ctx: ParamStep, m: StateTensor, rank: int):
+    """rows -> the first moment's rows in fp32 (dequantized from their codes' slice under 8-bit)."""
+    if not m.quantized:
+        return lambda rows: m.load()[rows]
+    bs = ctx.block_size
+
+    def load(rows: slice) -> torch.Tensor:
+        blocks = slice(rows.start * rank // bs, -(-rows.stop * rank // bs))
+        return ctx.backend.dequantize(m.codes[rows], m.absmax[blocks], signed=True, block_size=bs)
+
+    return load
+
+
+def step_matrix_blocked(ctx: ParamStep, grad: torch.Tensor, step: int, blocks: list[slice] | None = None, *,
+                        max_norm: float | None = None) -> None:
+    """One step of a large "matrix" parameter held whole, one block of canonical rows at a time (the same math
+    as :func:`project_gradient` + :func:`apply_lowrank`, with every a×r and a×b temporary replaced by block-sized
+    ones and sums over blocks; fp32 summation order differs, so results agree within rounding, not bit for
+    bit). All or nothing as the unblocked step; on the fused path a non-refresh step still decides a skip on the
+    device. ``max_norm``: clip the low-rank gradient S to that norm first (in-backward's ``max_grad_norm``)."""
+    blocks = blocked_rows(ctx) if blocks is None else blocks
+    G = proj.canonical(dist_.local(grad), ctx.layout)
+    event = "init" if ctx.state["step"] == 0 else refresh_event(step, ctx.group)
+    pending = None
+    if event is None:
+        P = _projector_as(ctx, G.dtype)
+    else:
+        holder = [_refresh_blocked(ctx, G, event, step, blocks)]
+        _require(bool(_finite0d(holder[0])))
+        sr_seed = None
+        if event == "sgd" and ctx.group["proj_rounding"] == "stochastic":
+            sr_seed = ctx.seed(step, SEED_PROJ_SR)
+        pending = _quantize_projector_blocked(ctx, holder, sr_seed)
+        P = pending.P
+    _apply_blocked(ctx, G, P, pending, step, blocks, max_norm)
+
+
 def _step_matrix(ctx: ParamStep, grad: torch.Tensor, step: int) -> None:
+    blocks = blocked_rows(ctx)
+    if blocks is not None:
+        step_matrix_blocked(ctx, grad, step, blocks)
+        return
     apply_lowrank(ctx, project_gradient(ctx, grad, step, refresh=True), step)
 
 

@@ -55,7 +55,7 @@ from .quant import (
     midpoint_table,
 )
 
-__all__ = ["moment_update_8bit", "step_header", "host_header"]
+__all__ = ["moment_update_8bit", "moment_update_32bit", "step_header", "host_header"]
 
 # Slots of the numerics counters and of the step header (format.NUMERICS_*, HEADER_*), as compile-time
 # constants of the kernels.
@@ -116,6 +116,37 @@ def _moment_update_8bit_kernel(
     floor_hits = tl.sum(((v_new_idx == 0) & (m != 0.0) & mask).to(tl.int32), axis=0)
     tl.atomic_add(numerics_ptr + BOUND_HITS, bound_hits.to(tl.float64), mask=ok)
     tl.atomic_add(numerics_ptr + FLOOR_HITS, floor_hits.to(tl.float64), mask=ok)
+    tl.atomic_max(numerics_ptr + MAX_N, tl.max(n_abs, axis=0).to(tl.float64), mask=ok)
+
+
+@triton.jit
+def _moment_update_32bit_kernel(
+    g_ptr, m_ptr, v_ptr, n_out_ptr, numerics_ptr, header_ptr,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    n_elements, BLOCK: tl.constexpr,
+):
+    """Adam on fp32 moments (the dense32 kind, and ``coap8bit.AdamW``'s state), in place, gated by the header."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    ok = tl.load(header_ptr + OK) != 0.0
+    bias_correction1 = tl.load(header_ptr + BC1)
+    bias_correction2 = tl.load(header_ptr + BC2)
+    bound = tl.load(header_ptr + BOUND)
+
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m = m * beta1 + one_minus_beta1 * g
+    v = v * beta2 + (one_minus_beta2 * g) * g
+    write = tl.where(ok, mask, False)
+    tl.store(m_ptr + offs, m, mask=write)
+    tl.store(v_ptr + offs, v, mask=write)
+
+    n_raw = tl.div_rn(tl.div_rn(m, bias_correction1), tl.sqrt_rn(tl.div_rn(v, bias_correction2)) + eps)
+    tl.store(n_out_ptr + offs, tl.where(ok, tl.clamp(n_raw, -bound, bound, propagate_nan=tl.PropagateNan.ALL), 0.0),
+             mask=mask)
+    n_abs = tl.where(mask, tl.abs(n_raw), 0.0)
+    tl.atomic_add(numerics_ptr + BOUND_HITS, tl.sum((n_abs > bound).to(tl.int32), axis=0).to(tl.float64), mask=ok)
     tl.atomic_max(numerics_ptr + MAX_N, tl.max(n_abs, axis=0).to(tl.float64), mask=ok)
 
 
@@ -236,6 +267,49 @@ def moment_update_8bit(
     return n_out
 
 
+# Elements per program of the fp32-state kernel (its only constexpr: one compiled variant per gradient dtype).
+_DENSE_BLOCK = 1024
+
+
+def moment_update_32bit(
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    bound: float,
+    numerics: torch.Tensor | None = None,
+    header: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton twin of :func:`coap8bit.functional.moment_update_32bit`: m and v (fp32, contiguous) updated in
+    place, N = m̂/(√v̂+eps) clamped to the bound returned (fp32, shaped like ``g``), in one launch instead of the
+    twin's few dozen elementwise ops. The step's constants come from ``header`` (a header whose OK slot is 0
+    leaves m, v and the counters as they are and gives N = 0) or, without one, from ``step`` and ``bound``."""
+    device = g.device
+    g = g.contiguous()
+    n = g.numel()
+    check_tensor("g", g, dtypes=_GRAD_DTYPES, numel=n, device=device)
+    check_tensor("m", m, dtypes=(torch.float32,), numel=n, device=device)
+    check_tensor("v", v, dtypes=(torch.float32,), numel=n, device=device)
+    if numerics is None:
+        numerics = new_numerics(device)
+    check_tensor("numerics", numerics, dtypes=(torch.float64,), numel=3, device=device)
+    if header is None:
+        header = host_header(step, beta1, beta2, bound, device)
+    check_tensor("header", header, dtypes=(torch.float32,), numel=HEADER_SIZE, device=device)
+    n_out = torch.empty(g.shape, dtype=torch.float32, device=device)
+    if n == 0:
+        return n_out
+    _moment_update_32bit_kernel[(triton.cdiv(n, _DENSE_BLOCK),)](
+        g, m, v, n_out, numerics, header, float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), n,
+        BLOCK=_DENSE_BLOCK, num_warps=_num_warps(_DENSE_BLOCK), enable_fp_fusion=FP_FUSION,
+    )
+    return n_out
+
+
 def host_header(step: int, beta1: float, beta2: float, bound: float, device: torch.device,
                 decay: float = 1.0) -> torch.Tensor:
     """A step header built on the host for a step known to be applied (format.HEADER_*)."""
@@ -305,6 +379,11 @@ def aot_variants() -> list[AotVariant]:
     variants = [aot_variant(_moment_update_8bit_kernel, block, dict(g_ptr=g_dtype, **state, **scalars, n_elements=1),
                             {}, ("g_ptr",))
                 for block in BLOCK_SIZES for g_dtype in _GRAD_DTYPES]
+    dense = dict(m_ptr=torch.float32, v_ptr=torch.float32, n_out_ptr=torch.float32, numerics_ptr=torch.float64,
+                 header_ptr=torch.float32)
+    variants += [aot_variant(_moment_update_32bit_kernel, _DENSE_BLOCK,
+                             dict(g_ptr=g_dtype, **dense, **scalars, n_elements=1), {}, ("g_ptr",))
+                 for g_dtype in _GRAD_DTYPES]
     header_scalars = dict.fromkeys(("beta1", "beta2", "bias_correction1", "bias_correction2", "bound", "decay",
                                     "log_beta1", "log_beta2", "log_q", "one_minus_q", "bound_scale"), 0.5)
     variants += [aot_variant(_step_header_kernel, _HEADER_BLOCK,

@@ -1,6 +1,8 @@
 """Bounded-workspace (row-blocked) versions of the step's a×b work equal the one-shot computation."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coap8bit import functional as Fn
 from coap8bit import projection as proj
@@ -72,3 +74,42 @@ def test_blocked_projector_math_matches_one_block(monkeypatch, dtype):
     torch.testing.assert_close(many[0].abs(), one[0].abs(), atol=1e-5, rtol=1e-5)  # singular vectors: sign-free
     torch.testing.assert_close(many[1], one[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(many[2], one[2], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device_path", ["cpu shortcut", "general"])
+@pytest.mark.parametrize("case", range(40))
+def test_bound_counters_of_both_paths_agree(monkeypatch, device_path, case):
+    # _count_bound_hits has a CPU shortcut (peak from amax/amin, elements beyond the bound counted only when the
+    # peak exceeds it) and the general path (|N|, its max, a count): both must give the counters of the formula.
+    from coap8bit.format import NUMERICS_BOUND_HITS, NUMERICS_MAX_N, new_numerics
+
+    gen = torch.Generator().manual_seed(case)
+    N = torch.randn(int(torch.randint(0, 300, (1,), generator=gen)), generator=gen) * float(torch.rand(1, generator=gen)) * 8
+    if case % 5 == 0 and N.numel():
+        N[0] = -0.0
+    bound = float(torch.rand(1, generator=gen)) * 6
+    numerics = new_numerics(torch.device("cpu"))
+    numerics[NUMERICS_MAX_N] = 1.5
+    numerics[NUMERICS_BOUND_HITS] = 3
+    Fn._count_bound_hits(N, bound if device_path == "cpu shortcut" else torch.tensor(bound), numerics)
+    peak = N.abs().max().item() if N.numel() else 0.0
+    assert numerics[NUMERICS_BOUND_HITS].item() == 3 + int((N.abs() > torch.tensor(bound)).sum())
+    assert numerics[NUMERICS_MAX_N].item() == max(1.5, peak)
+
+
+_MAGNITUDE = st.one_of(st.sampled_from([0.0, float("inf"), float("nan"), 3.4028234663852886e38, 1.8446742974197924e19,
+                                        1.8446744073709552e19, 1.8446746272732807e19]),
+                       st.floats(0.0, 3.5e38, allow_nan=False), st.floats(1e17, 1e21), st.floats(1e36, 3.4e38))
+
+
+@given(g=_MAGNITUDE, m=_MAGNITUDE, v=_MAGNITUDE, beta1=st.floats(0.0, 0.999), beta2=st.floats(0.5, 0.99999),
+       step=st.integers(1, 2000))
+@settings(max_examples=400, deadline=None)
+def test_host_finiteness_check_is_the_tensor_one(g, m, v, beta1, beta2, step):
+    # The host version emulates the tensor version's fp32 operations one by one: the same verdict everywhere,
+    # in particular at the edges where an fp32 product or sum just overflows (magnitudes near sqrt(FLT_MAX) for g,
+    # near FLT_MAX for m and v).
+    peaks = [torch.tensor(x, dtype=torch.float32) for x in (g, m, v)]
+    want = bool(Fn.moments_stay_finite(*peaks, beta1=beta1, beta2=beta2, step=step))
+    got = Fn.moments_stay_finite_host(*(p.item() for p in peaks), beta1=beta1, beta2=beta2, step=step)
+    assert got == want

@@ -172,6 +172,54 @@ def test_moment_kernel_argument_errors():
                                rtol=0.0, atol=0.0)
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(3000,)])
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("verdict", ["host", "header ok", "header skip"])
+def test_fp32_moment_kernel_matches_twin(shape, g_dtype, verdict):
+    # fp32 moments (dense32 parameters, coap8bit.AdamW): the kernel against functional.moment_update_32bit over
+    # three steps. m, v, N: a few ulps (the CPU twin may fuse m·β1 + (1-β1)·g into one FMA and, with a header,
+    # forms β1 as 1 - ok·(1-β1): |Δ| <= 1e-6 relative to each tensor's largest entry); counters: bound hits
+    # exactly, largest |N| to 1e-6. A skipped step (header OK = 0) leaves m, v and the counters untouched, N = 0.
+    from coap8bit.format import new_header, new_numerics
+
+    gen = torch.Generator().manual_seed(len(shape) * 1000 + shape[0])
+    m = (torch.randn(shape, generator=gen) * 1e-2).to(DEVICE)
+    v = (torch.rand(shape, generator=gen) * 1e-4).to(DEVICE)
+    m_twin, v_twin = m.clone(), v.clone()
+    numerics, numerics_twin = new_numerics(DEVICE), new_numerics(DEVICE)
+    hyper = dict(beta1=0.9, beta2=0.999, eps=1e-8)
+    for step in range(1, 4):
+        g = wide_range_gradient(shape, g_dtype, step)
+        bound = adam_update_bound(0.9, 0.999, step)
+        header = None if verdict == "host" else new_header(verdict == "header ok", 1.0 - 0.9**step,
+                                                           1.0 - 0.999**step, bound, 1.0, DEVICE)
+        before = m.clone(), v.clone(), numerics.clone()
+        N = KM.moment_update_32bit(g, m, v, step=step, bound=bound, numerics=numerics, header=header, **hyper)
+        N_twin = Fn.moment_update_32bit(g, m_twin, v_twin, step=step, bound=bound, numerics=numerics_twin,
+                                        header=header, **hyper)
+        assert N.dtype == torch.float32 and N.shape == g.shape
+        if verdict == "header skip":
+            assert torch.equal(m, before[0]) and torch.equal(v, before[1]) and torch.equal(numerics, before[2])
+            assert not N.any()
+        for got, want in ((m, m_twin), (v, v_twin), (N, N_twin)):
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * scale)
+        assert numerics[0] == numerics_twin[0]
+        torch.testing.assert_close(numerics[2], numerics_twin[2], rtol=1e-6, atol=0.0)
+
+
+def test_fp32_moment_kernel_argument_errors():
+    g = torch.randn(5, 7, device=DEVICE)
+    m, v = torch.zeros_like(g), torch.zeros_like(g)
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=1, bound=1.0)
+    with pytest.raises(ValueError, match="m must have 35 elements"):
+        KM.moment_update_32bit(g, m[:, :3], v, **kw)
+    with pytest.raises(TypeError, match="v must have dtype"):
+        KM.moment_update_32bit(g, m, v.double(), **kw)
+    with pytest.raises(ValueError, match="m must be contiguous"):
+        KM.moment_update_32bit(g, torch.zeros(7, 5, device=DEVICE).mT, v, **kw)
+
+
 # ---------------------------------------------------------------------------------------------- projector
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)

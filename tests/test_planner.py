@@ -59,7 +59,15 @@ def test_accumulation_keeps_low_rank_sums_in_the_7b_plan():
     row = {r["optimizer"]: r for r in eight["optimizers"]}["coap8bit r/4"]
     row_one = {r["optimizer"]: r for r in one["optimizers"]}["coap8bit r/4"]
     assert one["accumulator_bytes"] == 0
-    assert row["peak_in-backward"] - row_one["peak_in-backward"] == eight["accumulator_bytes"] > 6 * 2**30
+    # ... and accumulation takes the unblocked step: its workspace, not the row-blocked step's
+    from coap8bit.planner import coap_workspace_bytes
+
+    params = [p for _, p in build_meta_params(BUILTIN["llama-7b"])]
+    unblocked, blocked = (coap_workspace_bytes(params, blocked=b, rank_ratio=4) for b in (False, True))
+    assert unblocked > 4 * blocked
+    assert (row["peak_in-backward"] - row_one["peak_in-backward"] ==
+            eight["accumulator_bytes"] + unblocked - blocked)
+    assert eight["accumulator_bytes"] > 6 * 2**30
 
 
 @pytest.mark.slow
@@ -102,6 +110,20 @@ def test_llama7b_figures():
     assert r4["coap8bit r/4"]["bytes_per_param"] <= 0.80
     assert r2["bnb AdamW8bit"]["bytes_per_param"] == pytest.approx(2.031, abs=1e-3)  # 2 + 8/256 absmax
     assert r2["AdamW fp32"]["state_bytes"] == 8 * 6_738_415_616  # LLaMA-7B's parameter count
+
+
+def test_llama7b_in_backward_fits_24_gib_at_rank_ratio_2():
+    """Issue 13 §4: the row-blocked step keeps the step's workspace to r×b and r×r terms (about 112 MiB at r/2:
+    the range finder's SVD of B), so the in-backward peak is at most 23.5 GiB."""
+    from coap8bit.planner import coap_workspace_bytes, matrix_step_moments
+
+    result = plan(BUILTIN["llama-7b"], rank_ratio=2)
+    row = {r["optimizer"]: r for r in result["optimizers"]}["coap8bit r/2"]
+    assert row["peak_in-backward"] <= 23.5 * 2**30
+    params = [p for _, p in build_meta_params(BUILTIN["llama-7b"])]
+    assert coap_workspace_bytes(params, rank_ratio=2) <= 120 * 2**20
+    sites = {m.site for m in matrix_step_moments(32000, 4096, 2048, event=None)}
+    assert "_apply_blocked" in sites  # the embedding takes the row-blocked step
 
 
 def test_llava_parts():

@@ -241,3 +241,48 @@ def test_rounding_table_refuses_cells_too_coarse(monkeypatch):
             fmt._search_table_cpu(False, False, True)
     finally:
         fmt._search_table_cpu.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------- CPU fast paths
+@pytest.mark.parametrize("n, block_size", [(1, 256), (255, 256), (256, 256), (1000, 256), (513, 128), (100, 100),
+                                           (4097, 4096), (33 * 17, 32)])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_dequantize_is_the_lookup_bit_for_bit(n, block_size, signed, dtype):
+    # On the CPU dequantize_blockwise runs bitsandbytes' kernel: one fp32 product code[c] * absmax per element,
+    # the same operation as the torch lookup, so equal bits (tolerance 0). Codes taken non-contiguous too.
+    gen = torch.Generator().manual_seed(n * 7 + block_size)
+    codes = torch.randint(0, 256, (2 * n,), dtype=torch.uint8, generator=gen)[::2]
+    absmax = torch.rand(num_blocks(n, block_size), generator=gen) * 10.0 ** torch.randint(-20, 20, (1,), generator=gen)
+    from coap8bit import quant as Q
+
+    got = dequantize_blockwise(codes, absmax, signed=signed, block_size=block_size, dtype=dtype)
+    want = Q._dequantize_by_lookup(codes, absmax, code_map(signed), block_size).to(dtype)
+    assert got.dtype == dtype and got.shape == want.shape and torch.equal(got, want)  # finite values, no -0.0
+
+
+@given(n=st.integers(1, 700), block_pow=st.integers(2, 9), signed=st.booleans(), zeros=st.sampled_from(["none", "+0", "-0"]),
+       exponent=st.integers(-40, 30))
+@settings(max_examples=60, deadline=None)
+def test_quantize_into_state_equals_a_fresh_quantize(n, block_pow, signed, zeros, exponent):
+    # With out_codes the nearest codes are written straight into them (no padding): the same codes and absmax,
+    # bit for bit, as a fresh quantize, including blocks of -0.0 (absmax +0.0, as |x|.max() gives).
+    block_size = 2**block_pow
+    gen = torch.Generator().manual_seed(n * 31 + block_pow)
+    x = torch.randn(n, generator=gen) * 10.0**exponent
+    if not signed:
+        x = x.abs()
+    if zeros != "none":
+        x[: min(n, block_size)] = 0.0 if zeros == "+0" else -0.0
+        if not signed:
+            x = x.abs()
+    fresh_codes, fresh_absmax = quantize_blockwise(x, signed=signed, block_size=block_size)
+    out_codes = torch.full((n,), 77, dtype=torch.uint8)
+    out_absmax = torch.full((num_blocks(n, block_size),), 5.0)
+    codes, absmax = quantize_blockwise(x, signed=signed, block_size=block_size, out_codes=out_codes,
+                                       out_absmax=out_absmax)
+    assert codes is out_codes and absmax is out_absmax
+    assert torch.equal(codes, fresh_codes) and torch.equal(absmax.view(torch.int32), fresh_absmax.view(torch.int32))
+    assert torch.equal(absmax.view(torch.int32), x.reshape(-1).abs().new_zeros(num_blocks(n, block_size) * block_size)
+                       .index_copy_(0, torch.arange(n), x.reshape(-1).abs()).view(-1, block_size).amax(dim=1)
+                       .view(torch.int32))

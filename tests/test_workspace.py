@@ -1,7 +1,9 @@
 """The planner's model of a step's transient memory (``planner.matrix_step_moments``) against the peaks
 benchmarks/step_workspace.py measures on the CPU path: for every shape, rank_ratio, dtype and refresh event,
-the whole step's peak and the peak inside each function the model names are within 10% of the measurement.
-The shapes with more than 512 rows, and the runs with small row blocks, are ``slow``."""
+the whole step's peak and the peak inside each function the model names are within 10% of the measurement,
+for the unblocked step and for the row-blocked one (step.step_matrix_blocked, at a lowered
+projection.STEP_BLOCK_ELEMS). The shapes with more than 512 rows, and the runs with small row blocks (but one
+row-blocked case), are ``slow``."""
 from __future__ import annotations
 
 import importlib.util
@@ -31,18 +33,23 @@ def warm():
 
 
 def _case_id(case) -> str:
-    (rows, cols), elems = case
-    return f"{rows}x{cols}" + (f"-blocks-of-{elems}" if elems else "")
+    (rows, cols), elems, step_elems = case
+    return (f"{rows}x{cols}" + (f"-blocks-of-{elems}" if elems else "")
+            + (f"-row-blocked-step-{step_elems}" if step_elems else ""))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[] if c in [(s, None) for s in FAST_SHAPES] else
-                                               pytest.mark.slow) for c in sw.CASES], ids=_case_id)
+FAST = [(s, None, None) for s in FAST_SHAPES] + [((512, 1376), None, sw.STEP_ELEMS)]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[] if c in FAST else pytest.mark.slow) for c in sw.CASES],
+                         ids=_case_id)
 def test_model_within_tolerance_of_measured_peaks(warm, case):
-    shape, elems = case
+    shape, elems, step_elems = case
     failures = []
     for ratio in sw.RANK_RATIOS:
         for dtype in sw.DTYPES:
-            for row in sw.measure(*shape, ratio, dtype, elems):
+            for row in sw.measure(*shape, ratio, dtype, elems, step_elems):
+                assert row["blocked_step"] == (step_elems is not None)
                 label = f"{_case_id(case)}/{ratio}/{dtype}/{sw.event_name(row['event'])}"
                 cells = {"whole step": {"model": row["model_cpu"], "measured": row["measured"]}, **row["sites"]}
                 failures += [f"{label} {where}: model {c['model']} measured {c['measured']}"
