@@ -8,7 +8,8 @@ On a GPU, in one run:
      two projector-refresh cycles (so each measured window holds the same number of SGD projector updates
      and re-projections), against bitsandbytes AdamW8bit, torch.optim.AdamW(fused=True) and GaLore-8bit
      (galore_torch.GaLoreAdamW8bit, only if importable; it needs CUDA) at equal rank and refresh interval;
-     with the peak memory each optimizer adds over weights + gradients, and its state bytes.
+     with the peak memory each optimizer adds over weights + gradients, and its state bytes; and coap8bit again
+     with every matrix on the unblocked step ("[unblocked]"): the time and memory of the row-blocked step.
 Prints a table and writes JSON to --out.
 
 On CPU the same code runs at tiny sizes (kernels through TRITON_INTERPRET=1) so that the script cannot rot:
@@ -18,6 +19,7 @@ those numbers are NOT speed figures and are labelled so.
   python benchmarks/bench_kernels.py --out /tmp/bench_cpu.json                # CPU: smoke run
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -37,6 +39,7 @@ from coap8bit.kernels import quant as KQ  # noqa: E402
 
 import coap8bit  # noqa: E402
 from coap8bit import functional as Fn  # noqa: E402
+from coap8bit import projection  # noqa: E402
 from coap8bit import quant as Q  # noqa: E402
 from coap8bit.bound import adam_update_bound  # noqa: E402
 
@@ -176,10 +179,30 @@ def _make_optimizers(rank_ratio: float, update_interval: int, reproject_factor: 
     else:
         factories["GaLoreAdamW8bit"] = galore
     factories["torch.AdamW(fused)"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
+    # The same optimizer with every matrix on the unblocked step (see _variant): what the row-blocked step of
+    # large layers (a·r above projection.STEP_BLOCK_ELEMS) costs in time against the memory it saves.
+    factories[UNBLOCKED] = factories["coap8bit.AdamW8bit"]
     factories["coap8bit.AdamW8bit[torch]"] = lambda ps: coap8bit.AdamW8bit(
         ps, lr=1e-4, rank_ratio=rank_ratio, update_interval=update_interval,
         reproject_factor=reproject_factor, scale=scale, min_proj_size=1, backend="torch")
     return factories, unavailable
+
+
+UNBLOCKED = "coap8bit.AdamW8bit[unblocked]"
+
+
+@contextlib.contextmanager
+def _variant(name: str):
+    """While the ``UNBLOCKED`` row runs: no matrix takes the row-blocked step (the threshold is read per step)."""
+    if name != UNBLOCKED:
+        yield
+        return
+    saved = projection.STEP_BLOCK_ELEMS
+    projection.STEP_BLOCK_ELEMS = 1 << 62
+    try:
+        yield
+    finally:
+        projection.STEP_BLOCK_ELEMS = saved
 
 
 def _galore_factory(rank_ratio: float, refresh_interval: int, scale: float):
@@ -213,7 +236,7 @@ def optimizer_rows(layer: str, n_layers: int, rank_ratio: float, update_interval
         print(f"{name}: not benchmarked: {why}")
         rows.append({"layer": layer, "optimizer": name, "unavailable": why})
     for name, make in factories.items():
-        name_note = " (interpreted kernels)" if not ON_GPU and name == "coap8bit.AdamW8bit" else ""
+        name_note = " (interpreted kernels)" if not ON_GPU and name in ("coap8bit.AdamW8bit", UNBLOCKED) else ""
         gen = torch.Generator(device=DEVICE).manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, device=DEVICE, generator=gen).mul_(0.02).to(dtype))
                   for s in shapes]
@@ -223,18 +246,8 @@ def optimizer_rows(layer: str, n_layers: int, rank_ratio: float, update_interval
         if ON_GPU:
             torch.cuda.reset_peak_memory_stats()
         try:
-            opt = make(params)
-            _step_from(opt, params, grads)  # step 1: state init and initial projector; not timed
-            warm = 2
-            for _ in range(warm):
-                _step_from(opt, params, grads)
-            sync()
-            t0 = time.perf_counter()
-            steps = window if ON_GPU else min(window, 8)
-            for _ in range(steps):
-                _step_from(opt, params, grads)
-            sync()
-            per_step = (time.perf_counter() - t0) / steps
+            with _variant(name):
+                per_step, opt, steps = _timed_steps(make, params, grads, window)
         except Exception as exc:
             print(f"{name}: failed: {type(exc).__name__}: {exc}")
             rows.append({"layer": layer, "optimizer": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -258,6 +271,21 @@ def optimizer_rows(layer: str, n_layers: int, rank_ratio: float, update_interval
     return rows
 
 
+def _timed_steps(make, params, grads, window: int):
+    """(seconds per step, the optimizer, steps timed): step 1 (state init, initial projector) and two warm-up
+    steps untimed, then ``window`` steps (at most 8 on the CPU) timed between device syncs."""
+    opt = make(params)
+    for _ in range(3):
+        _step_from(opt, params, grads)
+    sync()
+    t0 = time.perf_counter()
+    steps = window if ON_GPU else min(window, 8)
+    for _ in range(steps):
+        _step_from(opt, params, grads)
+    sync()
+    return (time.perf_counter() - t0) / steps, opt, steps
+
+
 def _step_from(opt, params, grads) -> None:
     # GaLore leaves its projected gradient in p.grad: every step starts again from the full gradients.
     for p, g in zip(params, grads):
@@ -269,7 +297,7 @@ def add_time_ratios(rows: list[dict]) -> None:
     """Each timed row's ms/step over each baseline's (``time_vs_<baseline>``), for the baselines timed so far."""
     ref = {r["optimizer"]: r["ms_per_step"] for r in rows if "ms_per_step" in r}  # baselines carry no note
     for r in rows:
-        for other in ("bnb.AdamW8bit", "torch.AdamW(fused)", "GaLoreAdamW8bit"):
+        for other in ("bnb.AdamW8bit", "torch.AdamW(fused)", "GaLoreAdamW8bit", UNBLOCKED):
             if other in ref and "ms_per_step" in r:
                 r[f"time_vs_{other}"] = r["ms_per_step"] / ref[other]
 

@@ -182,7 +182,8 @@ def judge_step(result: dict, tiny: bool) -> tuple[str, str | None, str]:
     if coap is not None:
         ratios = ", ".join(f"{coap[key]:.2f}x {label}" for key, label in (
             ("time_vs_bnb.AdamW8bit", "bnb"), ("time_vs_GaLoreAdamW8bit", "GaLore"),
-            ("time_vs_torch.AdamW(fused)", "AdamW(fused)")) if key in coap)
+            ("time_vs_torch.AdamW(fused)", "AdamW(fused)"),
+            ("time_vs_coap8bit.AdamW8bit[unblocked]", "its unblocked step")) if key in coap)
         figures = f"coap8bit {coap['ms_per_step']:.3g} ms/step = {ratios}; {coap['state_bytes_per_param']:.2f} B/param"
     if errors:
         return "failed", "; ".join(errors), figures
