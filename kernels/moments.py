@@ -244,12 +244,7 @@ def moment_update_8bit(
     check_tensor("v_codes", v_codes, dtypes=(torch.uint8,), numel=n, device=device)
     check_tensor("m_absmax", m_absmax, dtypes=(torch.float32,), numel=nb, device=device)
     check_tensor("v_absmax", v_absmax, dtypes=(torch.float32,), numel=nb, device=device)
-    if numerics is None:
-        numerics = new_numerics(device)
-    check_tensor("numerics", numerics, dtypes=(torch.float64,), numel=3, device=device)
-    if header is None:
-        header = host_header(step, beta1, beta2, bound, device)
-    check_tensor("header", header, dtypes=(torch.float32,), numel=HEADER_SIZE, device=device)
+    numerics, header = _counters_and_header(numerics, header, step, beta1, beta2, bound, device)
     if not _format.is_default_format():  # an ablation switch is set
         raise NotImplementedError("the Triton kernel implements the second-moment format version 2 (√v on the "
                                   "zero-free map) only")
@@ -294,12 +289,7 @@ def moment_update_32bit(
     check_tensor("g", g, dtypes=_GRAD_DTYPES, numel=n, device=device)
     check_tensor("m", m, dtypes=(torch.float32,), numel=n, device=device)
     check_tensor("v", v, dtypes=(torch.float32,), numel=n, device=device)
-    if numerics is None:
-        numerics = new_numerics(device)
-    check_tensor("numerics", numerics, dtypes=(torch.float64,), numel=3, device=device)
-    if header is None:
-        header = host_header(step, beta1, beta2, bound, device)
-    check_tensor("header", header, dtypes=(torch.float32,), numel=HEADER_SIZE, device=device)
+    numerics, header = _counters_and_header(numerics, header, step, beta1, beta2, bound, device)
     n_out = torch.empty(g.shape, dtype=torch.float32, device=device)
     if n == 0:
         return n_out
@@ -308,6 +298,20 @@ def moment_update_32bit(
         BLOCK=_DENSE_BLOCK, num_warps=_num_warps(_DENSE_BLOCK), enable_fp_fusion=FP_FUSION,
     )
     return n_out
+
+
+def _counters_and_header(numerics: torch.Tensor | None, header: torch.Tensor | None, step: int | None,
+                         beta1: float, beta2: float, bound: float | None, device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The moment kernels' numerics counters (fresh ones when None) and step header (built on the host from
+    ``step`` and ``bound`` when None), checked."""
+    if numerics is None:
+        numerics = new_numerics(device)
+    check_tensor("numerics", numerics, dtypes=(torch.float64,), numel=3, device=device)
+    if header is None:
+        header = host_header(step, beta1, beta2, bound, device)
+    check_tensor("header", header, dtypes=(torch.float32,), numel=HEADER_SIZE, device=device)
+    return numerics, header
 
 
 def host_header(step: int, beta1: float, beta2: float, bound: float, device: torch.device,

@@ -74,6 +74,15 @@ def test_row_blocks_cover_the_rows_and_align_with_the_8bit_blocks(a, b, r, log_b
     assert rows * max(b, r) <= elems or rows == min(align, a)
 
 
+def _unblocked_refresh(ctx, G: torch.Tensor, event: str, step: int) -> torch.Tensor:
+    """The unblocked step's refreshed projector before rounding (the oracle of the blocked refreshes)."""
+    rank = ctx.layout.rank
+    if event == "init":
+        return S_.refresh_projector(ctx, G, None, None, 1, "proj", rank, ctx.ops).target
+    P = ctx.load_projector("proj")
+    return S_.refresh_projector(ctx, G, ctx.ops.lowrank(G, P), P, step, "proj", rank, ctx.ops).target
+
+
 @pytest.mark.parametrize("event", ["init", "sgd", "reproject"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -84,11 +93,7 @@ def test_blocked_refresh_matches_the_unblocked_one(shape, dtype, event):
     ctx = opt.param_step(p, opt.param_groups[0])
     step, rank = ctx.state["step"] + 1, ctx.layout.rank
     G = proj.canonical(p.grad, ctx.layout)
-    if event == "init":
-        expected = S_.refresh_projector(ctx, G, None, None, 1, "proj", rank, ctx.ops).target
-    else:
-        P = ctx.load_projector("proj")
-        expected = S_.refresh_projector(ctx, G, ctx.ops.lowrank(G, P), P, step, "proj", rank, ctx.ops).target
+    expected = _unblocked_refresh(ctx, G, event, step)
     blocks = proj.step_row_blocks(*G.shape, rank, ctx.block_size, max_elems=SMALL_BLOCKS)
     assert len(blocks) > 2 and G.shape[0] % (blocks[0].stop - blocks[0].start) != 0
     got = S_._refresh_blocked(ctx, G, event, step, blocks)
@@ -327,11 +332,7 @@ def test_blocked_range_finder_with_power_iterations_matches_the_unblocked_one(ev
     ctx = opt.param_step(p, opt.param_groups[0])
     step, rank = ctx.state["step"] + 1, ctx.layout.rank
     G = proj.canonical(p.grad, ctx.layout)
-    if event == "init":
-        expected = S_.refresh_projector(ctx, G, None, None, 1, "proj", rank, ctx.ops).target
-    else:
-        P = ctx.load_projector("proj")
-        expected = S_.refresh_projector(ctx, G, ctx.ops.lowrank(G, P), P, step, "proj", rank, ctx.ops).target
+    expected = _unblocked_refresh(ctx, G, event, step)
     got = S_._refresh_blocked(ctx, G, event, step, proj.step_row_blocks(300, 64, rank, 256, max_elems=SMALL_BLOCKS))
     assert torch.allclose(torch.linalg.svdvals(expected @ got.mT), torch.ones(rank), atol=1e-4)
 
