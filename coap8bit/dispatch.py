@@ -1,17 +1,22 @@
-"""Choose between the Triton kernels (``coap8bit.kernels``) and their pure-PyTorch twins: once per
-parameter (:func:`backend_for`, bound to the parameter's device), or per function.
+"""Choose between the Triton kernels (``coap8bit.kernels``), the native CPU kernel (``kernels/native.c``) and
+their pure-PyTorch twins: once per parameter (:func:`backend_for`, bound to the parameter's device), or per
+function.
 
-``backend="auto"``: Triton for CUDA tensors, PyTorch otherwise. ``backend="triton"``: Triton on CUDA; on
-CPU tensors only through Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU test suite runs the
-kernels), otherwise a RuntimeError saying how to enable it. ``backend="torch"``: always PyTorch.
+``backend="auto"``: Triton for CUDA tensors; on the CPU the native kernel where a C compiler can build it, else
+PyTorch (with one warning). ``backend="triton"``: Triton on CUDA; on CPU tensors only through Triton's
+interpreter (``TRITON_INTERPRET=1``, how the CPU test suite runs the kernels), otherwise a RuntimeError saying
+how to enable it. ``backend="native"``: the native kernel, CPU tensors only. ``backend="torch"``: always PyTorch.
+The native kernel replaces only the fused moment update, bit-identical to its twin; every other state
+operation on the CPU is the twin.
 
-Triton is imported lazily, only when a kernel is selected, so the torch path never needs it.
+Triton is imported lazily, only when a Triton kernel is selected, so the torch and native paths never need it.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -19,10 +24,10 @@ import torch
 from . import functional as Fn
 from . import quant as Q
 
-__all__ = ["BACKENDS", "Backend", "backend_for", "use_triton", "moment_update_8bit", "moment_update_32bit",
-           "step_header", "weight_update_", "quantize_blockwise", "dequantize_blockwise"]
+__all__ = ["BACKENDS", "Backend", "backend_for", "use_triton", "use_native", "moment_update_8bit",
+           "moment_update_32bit", "step_header", "weight_update_", "quantize_blockwise", "dequantize_blockwise"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 _TRUE = ("1", "true", "yes", "on")  # the values Triton's own TRITON_INTERPRET knob reads as set
 
 
@@ -36,7 +41,10 @@ def use_triton(backend: str, device: torch.device | str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
-    if backend == "torch":
+    if backend in ("torch", "native"):
+        if backend == "native" and device.type != "cpu":
+            raise RuntimeError(f"backend='native' runs on CPU tensors only, got tensors on {device}; use "
+                               f"backend='auto' or 'triton' for CUDA")
         return False
     if device.type == "cuda":
         return True
@@ -52,6 +60,33 @@ def use_triton(backend: str, device: torch.device | str) -> bool:
             "the model to a CUDA device, or use backend='auto' / 'torch'."
         )
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _native_build_error() -> str | None:
+    from .kernels import native
+
+    return native.build_error()
+
+
+def use_native(backend: str, device: torch.device | str) -> bool:
+    """Whether ``backend`` runs the native CPU kernel for tensors on ``device``: ``"native"`` (which raises
+    where it cannot be built), or ``"auto"`` on the CPU where it can (else one warning, and the twin)."""
+    if use_triton(backend, device) or backend == "torch" or torch.device(device).type != "cpu":
+        return False
+    error = _native_build_error()
+    if error is None:
+        return True
+    if backend == "native":
+        raise RuntimeError(f"backend='native' needs a C compiler to build coap8bit's CPU kernel: {error}")
+    _warn_no_native(error)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_native(error: str) -> None:
+    warnings.warn(f"coap8bit: the native CPU kernel could not be built, so the CPU step runs the slower PyTorch "
+                  f"path (same results). {error}", RuntimeWarning, stacklevel=4)
 
 
 def _kernel_module(name: str):
@@ -85,6 +120,10 @@ def _select(backend: str, device: torch.device | str, twin: Callable, module: st
 
 def moment_update_8bit(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
     """The fused 8-bit Adam moment update (signature of :func:`coap8bit.functional.moment_update_8bit`)."""
+    if use_native(backend, device):
+        from .kernels import native
+
+        return native.moment_update_8bit
     return _select(backend, device, Fn.moment_update_8bit, "moments")
 
 
@@ -115,11 +154,13 @@ def dequantize_blockwise(backend: str, device: torch.device | str) -> Callable[.
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """The state operations of one backend on one device (signatures of the torch twins). ``fused``: the
+    """The state operations of one backend on one device (signatures of the torch twins); ``name`` is the
+    backend asked for, ``implementation`` what runs: "triton", "native" or "torch". ``fused``: the
     Triton kernels, which take a skip decided on the device without a host sync (the torch path decides on
     the host: a sync costs nothing on the CPU it serves)."""
 
     name: str
+    implementation: str
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     dequantize: Callable[..., torch.Tensor]
     moment_update_8bit: Callable[..., torch.Tensor]
@@ -131,7 +172,8 @@ class Backend:
 
 @functools.lru_cache(maxsize=None)
 def _backend(backend: str, device: torch.device, interpret: bool) -> Backend:
-    return Backend(backend, quantize_blockwise(backend, device), dequantize_blockwise(backend, device),
+    implementation = "triton" if use_triton(backend, device) else "native" if use_native(backend, device) else "torch"
+    return Backend(backend, implementation, quantize_blockwise(backend, device), dequantize_blockwise(backend, device),
                    moment_update_8bit(backend, device), moment_update_32bit(backend, device),
                    step_header(backend, device),
                    weight_update_(backend, device), use_triton(backend, device))

@@ -29,6 +29,7 @@ from .quant import (
     quantize_blockwise,
     quantize_second_moment,
     second_moment_peak,
+    sqrt_rn,
 )
 
 __all__ = [
@@ -109,7 +110,9 @@ def normalized_update(m: torch.Tensor, v: torch.Tensor, *, eps: float, step: int
 def _normalized(m: torch.Tensor, v: torch.Tensor, *, eps: float, bc1: float, bc2: float, bound: float,
                 numerics: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """N = (m / bc1) / (√(v / bc2) + eps) clamped to ±bound, into ``out`` when given; ``numerics`` counted."""
-    N = torch.div(m, bc1, out=out).div_((v / bc2).sqrt_().add_(eps))
+    if not isinstance(bound, torch.Tensor):
+        bound = _fp32(bound)  # the fp32 value the ops use; +inf for a bound beyond fp32 (β2 < β1², late steps)
+    N = torch.div(m, bc1, out=out).div_(sqrt_rn(v / bc2).add_(eps))
     if numerics is not None:
         _count_bound_hits(N, bound, numerics)
     return N.clamp_(-bound, bound)
@@ -121,7 +124,7 @@ def _count_bound_hits(N: torch.Tensor, bound: float | torch.Tensor, numerics: to
         # On the CPU (host reads are free): two read-only reductions give the peak, and the elements beyond
         # the bound, rare, are counted only when the peak says there are some.
         peak = torch.maximum(N.amax(), N.amin().neg()).abs_() if N.numel() else N.new_zeros(())
-        if bool(peak > bound):
+        if not bool(peak <= bound):  # (a NaN peak too: the elements beyond the bound are still counted)
             numerics[NUMERICS_BOUND_HITS] += (N.abs() > bound).sum()
     else:
         magnitude = N.abs()

@@ -327,8 +327,8 @@ def matrix_step_moments(a: int, b: int, r: int, *, event: str | None, grad_dtype
     def apply(base: dict[str, int], old_P: dict[str, int], fp32_P: bool) -> None:
         """The header (the old P, ``old_P``, is replaced at the commit that follows it), the moment update
         (N written over S), then W <- W - lr·N P (functional.apply_matrix_update_)."""
-        # max |S|: one reduction on the GPU path; abs().amax() on the CPU path, an a×r |S| first.
-        at("decide_step", {**base, **old_P, **({"CPU: |S| (abs before amax)": 4 * ar} if cpu else {})})
+        # max |S|: one reduction, no temporary (the inf-norm on the GPU path, aminmax on the CPU path).
+        at("decide_step", {**base, **old_P})
         mu = ({"CPU: m, v, sqrt(v) (fp32; N written over S)": 12 * ar, **rounding_cpu(ar, False)} if cpu else {})
         at("moment_update", {**base, **mu})
         if weight_dtype.itemsize == 4:
@@ -439,9 +439,7 @@ def _blocked_step_moments(at, dequantize, rounding_cpu, *, a: int, b: int, r: in
         Rr, Rb = apply_rows * r, apply_rows * b
         S32 = {"S rows (fp32)": 4 * Rr}
         S_g = {"S rows in G's dtype": gi * Rr}
-        at("_apply_blocked", {**base, **S_g})
-        if cpu:  # _peak on the CPU torch path: abs().amax()
-            at("_peak", {**base, **S_g, "CPU: |S rows|": gi * Rr})
+        at("_apply_blocked", {**base, **S_g})  # (max |S rows|: one reduction, no temporary)
         at("_apply_blocked", {**base, **(S_g if cast else {}), **S32})
         mu = {"CPU: m, v, sqrt(v) rows (fp32; N written over S)": 12 * Rr, **rounding_cpu(Rr, False)} if cpu else {}
         at("_moment_rows", {**base, **S32, **mu})

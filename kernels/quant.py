@@ -23,11 +23,10 @@ from triton.compiler import ASTSource, CompiledKernel
 from triton.runtime.jit import JITFunction, mangle_type
 
 from ..format import SEARCH_CELL_SHIFT, code_map, num_blocks, search_table
+from .checks import BLOCK_SIZE_MAX, BLOCK_SIZE_MIN, check_block_size, check_tensor
 
 __all__ = ["quantize_blockwise", "dequantize_blockwise", "BLOCK_SIZE_MIN", "BLOCK_SIZE_MAX"]
 
-# Block sizes the kernels accept: tl.arange needs a power of two; the range is the optimizer's.
-BLOCK_SIZE_MIN, BLOCK_SIZE_MAX = 32, 4096
 
 # Every launch and ahead-of-time compile passes enable_fp_fusion=FP_FUSION: no FMA contraction, so a·b + c is
 # rounded twice as in the PyTorch twins (eager ops) the kernels are tested against and in Triton's interpreter,
@@ -132,29 +131,6 @@ def _dequantize_blockwise_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n_ele
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def check_block_size(block_size: int) -> None:
-    if not (isinstance(block_size, int) and BLOCK_SIZE_MIN <= block_size <= BLOCK_SIZE_MAX
-            and block_size & (block_size - 1) == 0):
-        raise ValueError(f"block_size must be a power of two in [{BLOCK_SIZE_MIN}, {BLOCK_SIZE_MAX}] for the "
-                         f"Triton kernels, got {block_size!r}")
-
-
-def check_tensor(name: str, t: torch.Tensor, *, dtypes: tuple[torch.dtype, ...], numel: int,
-                 device: torch.device) -> None:
-    """Raise a clear error unless ``t`` is a contiguous tensor of one of ``dtypes`` with ``numel``
-    elements on ``device`` (the kernels index flat memory)."""
-    if not torch.is_tensor(t):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
-    if t.numel() != numel:
-        raise ValueError(f"{name} must have {numel} elements, got {t.numel()} (shape {tuple(t.shape)})")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} (all tensors on one device)")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (the kernel reads flat memory); pass {name}.contiguous()")
-
-
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 

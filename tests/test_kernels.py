@@ -324,7 +324,7 @@ def test_quant_argument_errors():
 # ---------------------------------------------------------------------------------------------- dispatch
 def test_dispatch_selection():
     assert dispatch.moment_update_8bit("torch", "cpu") is Fn.moment_update_8bit
-    assert dispatch.moment_update_8bit("auto", "cpu") is Fn.moment_update_8bit
+    # ("auto" on the CPU: the native kernel, tests/test_native.py.)
     assert dispatch.quantize_blockwise("auto", "cpu") is Q.quantize_blockwise
     assert dispatch.dequantize_blockwise("torch", "cuda") is Q.dequantize_blockwise
     assert dispatch.use_triton("auto", "cuda") and dispatch.use_triton("triton", "cuda")

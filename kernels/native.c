@@ -1,0 +1,132 @@
+/* Native CPU twin of kernels/moments.py's fused 8-bit moment update (built and called by kernels/native.py).
+
+   One pass per quantization block: dequantize m (signed map) and √v (the zero-free unsigned map), Adam's moment
+   update with the gradient, the normalized update N = m̂/(√v̂+eps) clamped to ±bound, requantization of both
+   moments in place through the format's rounding table (format.search_table), and the numerics counters.
+
+   Bit-identical to the PyTorch twin (functional.moment_update_8bit) on the CPUs PyTorch vectorizes for (AVX2,
+   AVX-512, NEON): every operation is the twin's, in the twin's order, each rounded once to fp32. The one
+   fused operation is the twin's own: ATen's add(g, alpha=1-β1) is an FMA in its vectorized CPU kernel, so m is
+   fmaf(g, 1-β1, m·β1) here; addcmul (v) rounds twice, as here. The build passes -ffp-contract=off so that the
+   compiler fuses nothing else, and no -ffast-math (division and square root stay correctly rounded). */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_BLOCK 4096 /* kernels.quant.BLOCK_SIZE_MAX: the launcher checks the block size */
+#define PARALLEL_MIN 32768 /* elements: below this one thread */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* The format's code of a finite x: the code of the lowest value in x's cell (the top 16 bits of its fp32
+   pattern), plus one if x lies above the cell's rounding threshold. */
+static inline uint8_t nearest_code(float x, const uint8_t *first, const float *threshold) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    uint32_t cell = bits >> 16;
+    return (uint8_t)(first[cell] + (threshold[cell] < x));
+}
+
+static inline uint32_t f32_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+/* The loops below are split so that the arithmetic ones hold no table loads: gcc vectorizes them (divisions,
+   square roots and FMAs 8 lanes at a time on AVX2), which a scalar loop of 4 divisions and 2 square roots per
+   element would not be. Maxima of non-negative floats are taken on their bit patterns as unsigned integers:
+   the same order, vectorizable, and a NaN (pattern above +inf) wins, as torch's amax propagates it. */
+
+/* Returns 0, or -1 for a block size beyond MAX_BLOCK (nothing written). numerics (fp64 [bound hits, floor
+   hits, largest |N|]) may be NULL; n_out may alias g when g is fp32. */
+int coap8bit_moment_update_8bit(const void *g, int g_is_bf16, uint8_t *m_codes, float *m_absmax, uint8_t *v_codes,
+                                float *v_absmax, float *n_out, double *numerics, const float *m_code,
+                                const float *v_code, const uint8_t *m_first, const float *m_threshold,
+                                const uint8_t *v_first, const float *v_threshold, float beta1, float one_minus_beta1,
+                                float beta2, float one_minus_beta2, float eps, float bias_correction1,
+                                float bias_correction2, float bound, int64_t n, int64_t block_size, int num_threads) {
+    if (block_size < 1 || block_size > MAX_BLOCK) return -1;
+    const float *g32 = (const float *)g;
+    const uint16_t *g16 = (const uint16_t *)g;
+    const int64_t n_blocks = (n + block_size - 1) / block_size;
+    int64_t bound_hits = 0, floor_hits = 0;
+    uint32_t peak_bits = 0; /* of the largest |N| */
+    /* Blocks are independent, and the counters are sums of integers and a maximum: the result does not depend
+       on the number of threads. Small tensors stay on one thread (a fork costs more than their work). */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1 && n >= PARALLEL_MIN) \
+    reduction(+ : bound_hits, floor_hits) reduction(max : peak_bits)
+#endif
+    for (int64_t block = 0; block < n_blocks; ++block) {
+        float g_blk[MAX_BLOCK], m[MAX_BLOCK], v[MAX_BLOCK], sqrt_v[MAX_BLOCK], n_raw[MAX_BLOCK];
+        const int64_t start = block * block_size;
+        const int64_t len = n - start < block_size ? n - start : block_size;
+        const float m_scale = m_absmax[block], v_scale = v_absmax[block];
+        const uint8_t *mc = m_codes + start, *vc = v_codes + start;
+        /* Dequantize (table loads). */
+        if (g_is_bf16)
+            for (int64_t i = 0; i < len; ++i) g_blk[i] = bf16_to_f32(g16[start + i]);
+        else
+            memcpy(g_blk, g32 + start, (size_t)len * sizeof(float));
+        for (int64_t i = 0; i < len; ++i) {
+            m[i] = m_code[mc[i]] * m_scale;
+            sqrt_v[i] = v_code[vc[i]] * v_scale;
+        }
+        /* Adam's moments and N, in the twin's order of operations. */
+        for (int64_t i = 0; i < len; ++i) {
+            const float gi = g_blk[i], sv = sqrt_v[i];
+            const float mi = fmaf(gi, one_minus_beta1, m[i] * beta1);
+            const float vi = fmaf(one_minus_beta2 * gi, gi, (sv * sv) * beta2);
+            m[i] = mi;
+            v[i] = vi;
+            n_raw[i] = (mi / bias_correction1) / (sqrtf(vi / bias_correction2) + eps);
+            sqrt_v[i] = sqrtf(vi);
+        }
+        /* N clamped (written only now: it may be g's own memory), the counters, the blocks' absmax. */
+        float *n_block = n_out + start;
+        uint32_t m_max = 0, v_max = 0;
+        int64_t hits = 0;
+        for (int64_t i = 0; i < len; ++i) {
+            const float x = n_raw[i], mag = fabsf(x);
+            const uint32_t mag_bits = f32_bits(mag), am_bits = f32_bits(fabsf(m[i])), sv_bits = f32_bits(sqrt_v[i]);
+            peak_bits = mag_bits > peak_bits ? mag_bits : peak_bits;
+            hits += mag > bound;
+            n_block[i] = x > bound ? bound : (x < -bound ? -bound : x); /* NaN stays NaN, as torch.clamp */
+            m_max = am_bits > m_max ? am_bits : m_max;
+            v_max = sv_bits > v_max ? sv_bits : v_max;
+        }
+        bound_hits += hits;
+        float m_peak, v_peak;
+        memcpy(&m_peak, &m_max, sizeof m_peak);
+        memcpy(&v_peak, &v_max, sizeof v_peak);
+        /* Requantize: an all-zero block keeps absmax 0 and divides by 1 (every code is then the zero's). */
+        const float m_div = m_peak > 0.0f ? m_peak : 1.0f, v_div = v_peak > 0.0f ? v_peak : 1.0f;
+        for (int64_t i = 0; i < len; ++i) {
+            n_raw[i] = m[i] / m_div; /* (n_raw reused for the normalized values) */
+            v[i] = sqrt_v[i] / v_div;
+        }
+        for (int64_t i = 0; i < len; ++i) {
+            const uint8_t code = nearest_code(v[i], v_first, v_threshold);
+            m_codes[start + i] = nearest_code(n_raw[i], m_first, m_threshold);
+            v_codes[start + i] = code;
+            floor_hits += code == 0 && m[i] != 0.0f;
+        }
+        m_absmax[block] = m_peak;
+        v_absmax[block] = v_peak;
+    }
+    if (numerics != NULL) {
+        float peak;
+        memcpy(&peak, &peak_bits, sizeof peak);
+        numerics[0] += (double)bound_hits;
+        const double p = (double)peak; /* NaN when an N was NaN */
+        numerics[2] = (p != p || numerics[2] != numerics[2]) ? NAN : (p > numerics[2] ? p : numerics[2]);
+        numerics[1] += (double)floor_hits;
+    }
+    return 0;
+}
