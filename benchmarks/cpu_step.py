@@ -107,6 +107,41 @@ class GemmFloor:
         self.records.append(1e3 * (time.perf_counter() - start))
 
 
+class MomentUpdates:
+    """The fused 8-bit moment update alone, on every projected matrix's a×r moments (block 256), by one
+    implementation ("native": kernels/native.c; "torch": the PyTorch twin). Both are bit-identical; the state
+    evolves from step to step as in the optimizer."""
+
+    def __init__(self, model: torch.nn.Module, group: dict, implementation: str):
+        from coap8bit.kernels import native
+
+        from coap8bit import functional as Fn
+        from coap8bit import quant as Q
+
+        self.name = f"moment update alone ({implementation})"
+        self.update = native.moment_update_8bit if implementation == "native" else Fn.moment_update_8bit
+        self.work, self.elements = [], 0
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if param_kind(p, group) != Kind.MATRIX:
+                continue
+            shape = torch.Size(matrix_layout(p, group).moment_shape)
+            n, nb = shape.numel(), Q.num_blocks(shape.numel(), 256)
+            S = torch.randn(shape, generator=gen) * 1e-3
+            state = [torch.full(shape, Q.QUANT_ZERO_SIGNED, dtype=torch.uint8), torch.zeros(nb),
+                     torch.zeros(shape, dtype=torch.uint8), torch.zeros(nb)]
+            self.work.append((S, state, torch.empty(shape)))
+            self.elements += n
+        self.records: list[float] = []
+
+    def step(self) -> None:
+        t = len(self.records) + 1
+        start = time.perf_counter()
+        for S, state, N in self.work:
+            self.update(S, *state, beta1=0.9, beta2=0.999, eps=1e-8, block_size=256, step=t, bound=4.0, out=N)
+        self.records.append(1e3 * (time.perf_counter() - start))
+
+
 def profile_table(runner: Timed, rows: int) -> tuple[str, list[tuple[str, float, int]]]:
     """torch.profiler table, by self CPU time, of the next coap8bit step without a refresh (taken after the timed
     steps: the profiled step is not timed)."""
@@ -152,12 +187,14 @@ def main() -> None:
     ]
     coap = runners[0]
     gemms = GemmFloor(model, coap.group)
+    kernels = [MomentUpdates(model, coap.group, impl) for impl in ("native", "torch")]
+    floors = (gemms, *kernels)
     for _ in range(cli.warmup):
-        for r in (*runners, gemms):
+        for r in (*runners, *floors):
             r.step()
     first_timed = cli.warmup
     while len(coap.records) - first_timed < cli.steps:
-        for r in (*runners, gemms):
+        for r in (*runners, *floors):
             for _ in range(cli.turn):
                 r.step()
     profile_text, profile_top = profile_table(coap, cli.profile_rows)
@@ -167,6 +204,8 @@ def main() -> None:
 
     figures = {r.name: median(ms for event, ms in timed(r) if event is None) for r in runners}
     figures["GEMMs"] = median(gemms.records[first_timed:])
+    for k in kernels:
+        figures[k.name] = median(k.records[first_timed:])
     refresh = {}
     for event in ("sgd", "reproject"):
         times = [ms for e, ms in timed(coap) if e == event]
@@ -196,6 +235,9 @@ def main() -> None:
         label = {"coap8bit": "coap8bit step, no refresh", "coap8bit torch path": "coap8bit step, torch path, no refresh",
                  "GEMMs": gemm_label}.get(name, name + " step")
         lines.append(f"| {label} | {figures[name]:.2f} | {coap_ms / figures[name]:.2f}x |")
+    for k in kernels:
+        ns = 1e6 * figures[k.name] / k.elements
+        lines.append(f"| {k.name}: {k.elements / 1e6:.2f}M elements, {ns:.2f} ns each | {figures[k.name]:.2f} | |")
     for event, (ms, count) in refresh.items():
         lines.append(f"| coap8bit step with a projector {event} ({count} steps) | {ms:.2f} | |")
     lines += [

@@ -57,7 +57,8 @@ class COAPAdamW(Optimizer):
         proj_rounding: rounding of the 8-bit projector after an SGD step: "stochastic" (default) or "nearest".
         bf16_stochastic_rounding: bf16 parameters get updates with seeded stochastic rounding (default True).
         seed: base of every random draw (initial sketch, stochastic rounding); saved in the state dict.
-        backend: "auto", "torch" or "triton" (fused kernels for the 8-bit moments; ``dispatch``).
+        backend: "auto" (Triton on CUDA, the native C moment update on the CPU), "torch", "triton" or "native"
+            (``dispatch``; the native kernel gives the PyTorch path's results bit for bit, Triton up to fp32 rounding).
         track_quant_error: K > 0 measures quantization error and subspace drift on every K-th step of each
             parameter (:meth:`quant_error_report`; ``accounting.QuantErrorTracker``). 0 (default): off.
     """

@@ -40,8 +40,8 @@ from ..format import (
     code_map,
     new_header,
     new_numerics,
-    num_blocks,
 )
+from .checks import check_moment_state
 from .quant import (
     BLOCK_SIZES,
     FP_FUSION,
@@ -50,7 +50,6 @@ from .quant import (
     _nearest_code,
     _num_warps,
     aot_variant,
-    check_block_size,
     check_tensor,
     midpoint_table,
 )
@@ -234,16 +233,11 @@ def moment_update_8bit(
 
     All tensors on one device, the in-place state contiguous; ``g`` fp32 or bf16; codes uint8 with g's number
     of elements; absmax fp32 with one entry per block of ``block_size`` (a power of two in [32, 4096])."""
-    check_block_size(block_size)
     device = g.device
     g = g.contiguous()  # read-only input: a copy only if it is a strided view (e.g. a Tucker core)
     n = g.numel()
-    nb = num_blocks(n, block_size)
-    check_tensor("g", g, dtypes=_GRAD_DTYPES, numel=n, device=device)
-    check_tensor("m_codes", m_codes, dtypes=(torch.uint8,), numel=n, device=device)
-    check_tensor("v_codes", v_codes, dtypes=(torch.uint8,), numel=n, device=device)
-    check_tensor("m_absmax", m_absmax, dtypes=(torch.float32,), numel=nb, device=device)
-    check_tensor("v_absmax", v_absmax, dtypes=(torch.float32,), numel=nb, device=device)
+    nb = check_moment_state(g, m_codes, m_absmax, v_codes, v_absmax, block_size=block_size,
+                            grad_dtypes=_GRAD_DTYPES, device=device)
     numerics, header = _counters_and_header(numerics, header, step, beta1, beta2, bound, device)
     if not _format.is_default_format():  # an ablation switch is set
         raise NotImplementedError("the Triton kernel implements the second-moment format version 2 (√v on the "

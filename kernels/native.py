@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from .. import format as _format
-from ..format import code_map, num_blocks, search_table
-from .checks import check_block_size, check_tensor
+from .. import functional as Fn
+from ..format import code_map, search_table
+from .checks import check_moment_state, check_tensor
 
 __all__ = ["available", "build_error", "moment_update_8bit"]
 
@@ -154,27 +155,20 @@ def moment_update_8bit(
     updates m's and v's codes and absmax in place and returns N = m̂/(√v̂+eps) clamped to the bound.
 
     CPU tensors; the in-place state contiguous (codes uint8 with g's number of elements, absmax fp32 with one
-    entry per block of ``block_size``, a power of two in [32, 4096]); ``g`` floating point (other than fp32 and
-bf16 read through an fp32 copy, as the twin reads it); ``numerics`` fp64
-    with 3 entries, contiguous. Under an ablation's second-moment format this is the twin itself."""
-    from .. import functional as Fn
-
+    entry per block of ``block_size``, a power of two in [32, 4096]); ``g`` floating point (a dtype other than
+    fp32 and bf16 is read through an fp32 copy, as the twin reads it); ``numerics`` fp64 with 3 entries. Under an
+    ablation's second-moment format this is the twin itself."""
     if not _format.is_default_format():
         return Fn.moment_update_8bit(g, m_codes, m_absmax, v_codes, v_absmax, beta1=beta1, beta2=beta2, eps=eps,
                                      block_size=block_size, step=step, bound=bound, header=header,
                                      numerics=numerics, out=out)
-    check_block_size(block_size)
     cpu = torch.device("cpu")
     if torch.is_tensor(g) and g.is_floating_point() and g.dtype not in _GRAD_DTYPES:
         g = g.to(torch.float32)  # fp64 / fp16 gradients: read in fp32, as the twin reads every gradient
     g = g.contiguous() if torch.is_tensor(g) else g  # read-only: a copy only for a strided view (a Tucker core)
-    n = g.numel() if torch.is_tensor(g) else 0
-    nb = num_blocks(n, block_size)
-    check_tensor("g", g, dtypes=_GRAD_DTYPES, numel=n, device=cpu)
-    check_tensor("m_codes", m_codes, dtypes=(torch.uint8,), numel=n, device=cpu)
-    check_tensor("v_codes", v_codes, dtypes=(torch.uint8,), numel=n, device=cpu)
-    check_tensor("m_absmax", m_absmax, dtypes=(torch.float32,), numel=nb, device=cpu)
-    check_tensor("v_absmax", v_absmax, dtypes=(torch.float32,), numel=nb, device=cpu)
+    check_moment_state(g, m_codes, m_absmax, v_codes, v_absmax, block_size=block_size, grad_dtypes=_GRAD_DTYPES,
+                       device=cpu)
+    n = g.numel()
     if numerics is not None:
         check_tensor("numerics", numerics, dtypes=(torch.float64,), numel=_format.NUMERICS_SIZE, device=cpu)
     if header is not None:

@@ -269,3 +269,28 @@ def test_build_is_cached_and_reused(tmp_path):
     second = _run(code, COAP8BIT_CACHE_DIR=str(tmp_path))
     assert second.returncode == 0 and second.stdout.strip() == str(built[0]), second.stderr
     assert sorted(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+
+def test_a_compiler_without_openmp_builds_a_serial_library_with_the_same_results(tmp_path):
+    """A compiler that refuses -fopenmp (Apple's clang, say) gets the next flag set; the results do not change."""
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec gcc "$@"\n')
+    cc.chmod(0o755)
+    result = _run("""
+        import torch
+        from coap8bit import functional as Fn, quant as Q
+        from coap8bit.kernels import native
+        assert native.available(), native.build_error()
+        torch.set_num_threads(2)
+        g = torch.randn(300, 256) * 1e-2
+        nb = Q.num_blocks(g.numel(), 256)
+        state = [torch.full(g.shape, Q.QUANT_ZERO_SIGNED, dtype=torch.uint8), torch.zeros(nb),
+                 torch.zeros(g.shape, dtype=torch.uint8), torch.zeros(nb)]
+        twin = [t.clone() for t in state]
+        kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, block_size=256, step=1, bound=1.0)
+        assert torch.equal(native.moment_update_8bit(g, *state, **kw), Fn.moment_update_8bit(g, *twin, **kw))
+        assert all(torch.equal(a, b) for a, b in zip(state, twin))
+        print("ok")
+    """, CC=str(cc), COAP8BIT_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+    assert len(list((tmp_path / "cache").glob("native-*.so"))) == 1
