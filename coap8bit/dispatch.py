@@ -6,8 +6,8 @@ function.
 PyTorch (with one warning). ``backend="triton"``: Triton on CUDA; on CPU tensors only through Triton's
 interpreter (``TRITON_INTERPRET=1``, how the CPU test suite runs the kernels), otherwise a RuntimeError saying
 how to enable it. ``backend="native"``: the native kernel, CPU tensors only. ``backend="torch"``: always PyTorch.
-The native kernel replaces only the fused moment update, bit-identical to its twin; every other state
-operation on the CPU is the twin.
+The native kernels replace the fused moment update and the dequantization, bit-identical to their twins; every
+other state operation on the CPU is the twin.
 
 Triton is imported lazily, only when a Triton kernel is selected, so the torch and native paths never need it.
 """
@@ -149,6 +149,10 @@ def quantize_blockwise(backend: str, device: torch.device | str) -> Callable[...
 
 def dequantize_blockwise(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
     """Blockwise 8-bit dequantizer (signature of :func:`coap8bit.quant.dequantize_blockwise`)."""
+    if use_native(backend, device):
+        from .kernels import native
+
+        return native.dequantize_blockwise
     return _select(backend, device, Q.dequantize_blockwise, "quant")
 
 

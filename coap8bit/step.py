@@ -190,14 +190,16 @@ def moments_fit(ctx: ParamStep, g: torch.Tensor | None, step: int, ops=None, *,
     already known (the blocked step's), instead of ``g``."""
     beta1, beta2 = ctx.group["betas"]
     m, v = ctx.moments()
-    g_peak = (g.abs().amax() if peak is None else peak).to(torch.float32)
-    fits = Fn.moments_stay_finite(g_peak, m.peak(), v.peak(), beta1=beta1, beta2=beta2, step=step)
-    _require(bool(fits) if ops is None else ops.all_true(bool(fits), fits.device))
+    g_peak = (_peak(g, ctx.backend) if peak is None else peak).to(torch.float32)
+    # The three peaks in one host read, the verdict in emulated fp32 (functional.moments_stay_finite's result).
+    peaks = torch.stack([g_peak, m.peak(), v.peak()]).tolist()
+    fits = Fn.moments_stay_finite_host(*peaks, beta1=beta1, beta2=beta2, step=step)
+    _require(fits if ops is None else ops.all_true(fits, g_peak.device))
 
 
 @dataclasses.dataclass
 class Verdict:
-    """What :func:`decide_step` found: the 8-bit step's header (format.HEADER_*; None under fp32 state) and
+    """What :func:`decide_step` found: the 8-bit step's header (format.HEADER_*; None when the host decided) and
     the weight-decay factor to apply (a float, or the header's device slot when the skip is deferred)."""
 
     header: torch.Tensor | None
@@ -216,7 +218,9 @@ def decide_step(ctx: ParamStep, g: torch.Tensor | None, step: int, ops=None, *,
     decay = 1.0 - float(group["lr"]) * group["weight_decay"]
     m, v = ctx.moments()
     defer = ctx.defers_skip(step)
-    if not m.quantized and not defer:  # fp32 state on the host path: the host check
+    if not defer and (not m.quantized or not ctx.backend.fused):
+        # Decided on the host: the CPU paths (a host read costs nothing there), and fp32 state. No header: the
+        # moment update takes the step's constants from the step number, as a header would carry them.
         moments_fit(ctx, g, step, ops, peak=peak)
         return Verdict(None, decay)
     # The header reads the moments' peaks from 8-bit state's absmax, or from fp32 state's one-element peaks
@@ -252,7 +256,8 @@ def moment_update(ctx: ParamStep, g: torch.Tensor, step: int, verdict: Verdict,
     token = ctx.observer.moments_before(ctx, step) if ctx.observer is not None else None
     if m.quantized:
         N = ctx.backend.moment_update_8bit(g, m.codes, m.absmax, v.codes, v.absmax, beta1=beta1, beta2=beta2,
-                                           eps=ctx.group["eps"], block_size=ctx.block_size, header=verdict.header,
+                                           eps=ctx.group["eps"], block_size=ctx.block_size, step=step,
+                                           bound=adam_update_bound(beta1, beta2, step), header=verdict.header,
                                            numerics=ctx.state["numerics"], out=out)
     else:
         m32, v32 = m.load(), v.load()
@@ -427,6 +432,7 @@ def _moment_rows(ctx: ParamStep, g: torch.Tensor, rows: slice, step: int, verdic
         blocks = slice(rows.start * r // bs, -(-rows.stop * r // bs))
         return ctx.backend.moment_update_8bit(g, m.codes[rows], m.absmax[blocks], v.codes[rows], v.absmax[blocks],
                                               beta1=beta1, beta2=beta2, eps=ctx.group["eps"], block_size=bs,
+                                              step=step, bound=adam_update_bound(beta1, beta2, step),
                                               header=verdict.header, numerics=ctx.state["numerics"], out=g)
     m32, v32 = m.load()[rows], v.load()[rows]
     return _moment_update_32bit(ctx, m32, v32)(g, m32, v32, beta1=beta1, beta2=beta2, eps=ctx.group["eps"],

@@ -23,19 +23,21 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* The format's code of a finite x: the code of the lowest value in x's cell (the top 16 bits of its fp32
-   pattern), plus one if x lies above the cell's rounding threshold. */
-static inline uint8_t nearest_code(float x, const uint8_t *first, const float *threshold) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    uint32_t cell = bits >> 16;
-    return (uint8_t)(first[cell] + (threshold[cell] < x));
-}
-
 static inline uint32_t f32_bits(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
     return u;
+}
+
+/* The format's rounding (format.search_table) as one 32-bit word per cell (the top 16 bits of an fp32 pattern),
+   built by native.py: the cell's first code in the high half, and in the low half the low 16 bits of the
+   rounding threshold inside the cell (0xFFFF if there is none; inverted in cells of negative values, whose
+   patterns run opposite to their values). x's code is then the first code plus one if x's low 16 bits
+   (inverted for a negative x) exceed that half: the twin's first[cell] + (threshold[cell] < x), in integer
+   operations that vectorize. */
+static inline uint32_t nearest_code(uint32_t bits, const uint32_t *table) {
+    const uint32_t entry = table[bits >> 16], low = (bits ^ (0u - (bits >> 31))) & 0xFFFFu;
+    return (entry >> 16) + (low > (entry & 0xFFFFu));
 }
 
 /* The loops below are split so that the arithmetic ones hold no table loads: gcc vectorizes them (divisions,
@@ -47,8 +49,8 @@ static inline uint32_t f32_bits(float x) {
    hits, largest |N|]) may be NULL; n_out may alias g when g is fp32. */
 int coap8bit_moment_update_8bit(const void *g, int g_is_bf16, uint8_t *m_codes, float *m_absmax, uint8_t *v_codes,
                                 float *v_absmax, float *n_out, double *numerics, const float *m_code,
-                                const float *v_code, const uint8_t *m_first, const float *m_threshold,
-                                const uint8_t *v_first, const float *v_threshold, float beta1, float one_minus_beta1,
+                                const float *v_code, const uint32_t *m_table, const uint32_t *v_table,
+                                float beta1, float one_minus_beta1,
                                 float beta2, float one_minus_beta2, float eps, float bias_correction1,
                                 float bias_correction2, float bound, int64_t n, int64_t block_size, int num_threads) {
     if (block_size < 1 || block_size > MAX_BLOCK) return -1;
@@ -111,12 +113,19 @@ int coap8bit_moment_update_8bit(const void *g, int g_is_bf16, uint8_t *m_codes, 
             n_raw[i] = m[i] / m_div; /* (n_raw reused for the normalized values) */
             v[i] = sqrt_v[i] / v_div;
         }
+        /* The codes, as 32-bit lanes first (into buffers free by now): table loads as vector gathers. */
+        uint32_t *m_new = (uint32_t *)g_blk, *v_new = (uint32_t *)sqrt_v;
         for (int64_t i = 0; i < len; ++i) {
-            const uint8_t code = nearest_code(v[i], v_first, v_threshold);
-            m_codes[start + i] = nearest_code(n_raw[i], m_first, m_threshold);
-            v_codes[start + i] = code;
-            floor_hits += code == 0 && m[i] != 0.0f;
+            m_new[i] = nearest_code(f32_bits(n_raw[i]), m_table);
+            v_new[i] = nearest_code(f32_bits(v[i]), v_table);
         }
+        int64_t floor = 0;
+        for (int64_t i = 0; i < len; ++i) {
+            m_codes[start + i] = (uint8_t)m_new[i];
+            v_codes[start + i] = (uint8_t)v_new[i];
+            floor += v_new[i] == 0 && m[i] != 0.0f;
+        }
+        floor_hits += floor;
         m_absmax[block] = m_peak;
         v_absmax[block] = v_peak;
     }
@@ -129,4 +138,25 @@ int coap8bit_moment_update_8bit(const void *g, int g_is_bf16, uint8_t *m_codes, 
         numerics[1] += (double)floor_hits;
     }
     return 0;
+}
+
+/* out[i] = code[codes[i]] * absmax[i / block_size]: the twin's dequantization (bitsandbytes' CPU kernel), one
+   fp32 product per element, over threads by blocks. */
+void coap8bit_dequantize_blockwise(const uint8_t *codes, const float *absmax, const float *code, float *out,
+                                   int64_t n, int64_t block_size, int num_threads) {
+    const int64_t n_blocks = (n + block_size - 1) / block_size;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1 && n >= PARALLEL_MIN)
+#endif
+    for (int64_t block = 0; block < n_blocks; ++block) {
+        const int64_t start = block * block_size, len = n - start < block_size ? n - start : block_size;
+        const float scale = absmax[block];
+        for (int64_t i = start; i < start + len; ++i) out[i] = code[codes[i]] * scale;
+    }
+}
+
+/* out[i] = the format's code of x[i] (finite), through the packed table: nearest_code on its own, for the test
+   that sweeps it against the twin's rounding. */
+void coap8bit_nearest_codes(const float *x, int64_t n, const uint32_t *table, uint8_t *out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = (uint8_t)nearest_code(f32_bits(x[i]), table);
 }

@@ -33,7 +33,7 @@ from .. import functional as Fn
 from ..format import code_map, search_table
 from .checks import check_moment_state, check_tensor
 
-__all__ = ["available", "build_error", "moment_update_8bit"]
+__all__ = ["available", "build_error", "moment_update_8bit", "dequantize_blockwise", "nearest_codes", "rounding_words"]
 
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared")
@@ -107,8 +107,12 @@ def _library() -> ctypes.CDLL:
             continue
         fn = lib.coap8bit_moment_update_8bit
         p, f, i64 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64
-        fn.argtypes = [p, ctypes.c_int, *[p] * 12, *[f] * 8, i64, i64, ctypes.c_int]
+        fn.argtypes = [p, ctypes.c_int, *[p] * 10, *[f] * 8, i64, i64, ctypes.c_int]
         fn.restype = ctypes.c_int
+        lib.coap8bit_dequantize_blockwise.argtypes = [p, p, p, p, i64, i64, ctypes.c_int]
+        lib.coap8bit_dequantize_blockwise.restype = None
+        lib.coap8bit_nearest_codes.argtypes = [p, i64, p, p]
+        lib.coap8bit_nearest_codes.restype = None
         return lib
     raise NativeBuildError("\n".join(errors))
 
@@ -127,10 +131,24 @@ def available() -> bool:
     return build_error() is None
 
 
+def rounding_words(signed: bool) -> torch.Tensor:
+    """``format.search_table`` packed as native.c's ``nearest_code`` reads it (int32, one word per cell): the
+    cell's first code << 16, plus the low 16 bits of the rounding threshold when it lies inside the cell
+    (inverted for a cell of negative values: their patterns fall as their values rise), else 0xFFFF (no value
+    of the cell lies above it). A threshold outside its cell is above every value of the cell."""
+    first, threshold = search_table(signed)
+    bits = threshold.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    cell = torch.arange(bits.numel())
+    inside = torch.isfinite(threshold) & ((bits >> 16) == cell)
+    low = torch.where(cell >= 0x8000, (bits & 0xFFFF) ^ 0xFFFF, bits & 0xFFFF)
+    words = (first.to(torch.int64) << 16) | torch.where(inside, low, 0xFFFF)
+    return words.to(torch.int32)  # (at most 0xFFFFFF: no sign bit)
+
+
 @functools.lru_cache(maxsize=None)
 def _tables() -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
-    """The code maps and rounding tables (CPU, cached by ``format``), and their addresses."""
-    tensors = (code_map(True), code_map(False), *search_table(True), *search_table(False))
+    """The code maps and packed rounding tables (CPU), and their addresses."""
+    tensors = (code_map(True), code_map(False), rounding_words(True), rounding_words(False))
     return tensors, tuple(t.data_ptr() for t in tensors)
 
 
@@ -182,12 +200,51 @@ def moment_update_8bit(
     bound = Fn._fp32(bound)  # the twin's fp32 bound (+inf beyond fp32's range)
     direct = out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.shape == g.shape
     N = out if direct else torch.empty(g.shape, dtype=torch.float32)
-    _, (m_code, v_code, m_first, m_threshold, v_first, v_threshold) = _tables()
+    _, (m_code, v_code, m_table, v_table) = _tables()
     status = _library().coap8bit_moment_update_8bit(
         g.data_ptr(), g.dtype == torch.bfloat16, m_codes.data_ptr(), m_absmax.data_ptr(), v_codes.data_ptr(),
         v_absmax.data_ptr(), N.data_ptr(), None if numerics is None else numerics.data_ptr(),
-        m_code, v_code, m_first, m_threshold, v_first, v_threshold,
+        m_code, v_code, m_table, v_table,
         beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bc1, bc2, bound, n, block_size, torch.get_num_threads())
     if status != 0:  # the launcher checked the block size: a library out of step with this file
         raise RuntimeError(f"coap8bit native moment update returned {status}")
     return N if out is None or N is out else out.copy_(N)
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    *,
+    signed: bool,
+    block_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Native twin of :func:`coap8bit.quant.dequantize_blockwise` (same signature, same values bit for bit):
+    ``code[codes] * absmax[block]`` shaped like ``codes``, in ``dtype``. CPU tensors; any block size >= 1."""
+    if not torch.is_tensor(codes) or codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    n = codes.numel()
+    if absmax.numel() != -(-n // block_size):
+        raise ValueError(f"absmax has {absmax.numel()} blocks, expected {-(-n // block_size)} for {n} codes at "
+                         f"block_size {block_size}")
+    flat, scales = codes.reshape(-1).contiguous(), absmax.to(torch.float32).contiguous()  # (as the twin reads them)
+    check_tensor("codes", flat, dtypes=(torch.uint8,), numel=n, device=torch.device("cpu"))
+    check_tensor("absmax", scales, dtypes=(torch.float32,), numel=scales.numel(), device=torch.device("cpu"))
+    values = torch.empty(n, dtype=torch.float32)
+    if n:
+        m_code, v_code = _tables()[1][:2]
+        _library().coap8bit_dequantize_blockwise(flat.data_ptr(), scales.data_ptr(), m_code if signed else v_code,
+                                                 values.data_ptr(), n, block_size, torch.get_num_threads())
+    return values.view(codes.shape).to(dtype)
+
+
+def nearest_codes(x: torch.Tensor, *, signed: bool) -> torch.Tensor:
+    """The format's uint8 code of every element of ``x`` (finite fp32, CPU), by native.c's packed-table rounding
+    (the kernel's own): equal to ``quant._nearest_codes``, which tests/test_native.py checks over a dense sweep."""
+    flat = x.reshape(-1).contiguous()
+    check_tensor("x", flat, dtypes=(torch.float32,), numel=flat.numel(), device=torch.device("cpu"))
+    out = torch.empty(flat.numel(), dtype=torch.uint8)
+    _library().coap8bit_nearest_codes(flat.data_ptr(), flat.numel(), _tables()[1][2 if signed else 3], out.data_ptr())
+    return out.view(x.shape)

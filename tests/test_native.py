@@ -34,6 +34,8 @@ def test_native_kernel_builds_here():
     assert dispatch.moment_update_8bit("auto", "cpu") is NK.moment_update_8bit
     assert dispatch.moment_update_8bit("native", "cpu") is NK.moment_update_8bit
     assert dispatch.moment_update_8bit("torch", "cpu") is Fn.moment_update_8bit
+    assert dispatch.dequantize_blockwise("auto", "cpu") is NK.dequantize_blockwise
+    assert dispatch.dequantize_blockwise("torch", "cpu") is Q.dequantize_blockwise
     assert dispatch.backend_for("auto", "cpu").implementation == "native"
     assert not dispatch.backend_for("native", "cpu").fused  # the skip is decided on the host, as the twin's
 
@@ -171,6 +173,47 @@ def test_native_rejects_bad_input_naming_the_argument():
     g_t = torch.randn(9, 40).mT
     twin = [t.clone() for t in state]
     assert torch.equal(NK.moment_update_8bit(g_t, *state, **kw), Fn.moment_update_8bit(g_t, *twin, **kw))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("numel, block_size", [(1, 32), (1000, 32), (70_001, 256), (5, 4096), (300, 1), (4099, 7)])
+def test_native_dequantize_matches_twin_bit_for_bit(numel, block_size, signed, threads):
+    """Every code, absmax of every magnitude (0, subnormal, 1e30, +inf), odd block sizes, fp32/bf16 output."""
+    gen = torch.Generator().manual_seed(numel)
+    codes = torch.randint(0, 256, (numel,), dtype=torch.uint8, generator=gen).view(-1, 1)
+    nb = -(-numel // block_size)
+    absmax = torch.rand(nb, generator=gen) * 10.0 ** torch.randint(-40, 31, (nb,), generator=gen).float()
+    absmax[: min(nb, 3)] = torch.tensor([0.0, 1e-40, float("inf")])[: min(nb, 3)]
+    for dtype in (torch.float32, torch.bfloat16):
+        got = NK.dequantize_blockwise(codes, absmax, signed=signed, block_size=block_size, dtype=dtype)
+        want = Q.dequantize_blockwise(codes, absmax, signed=signed, block_size=block_size, dtype=dtype)
+        assert got.shape == codes.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(TypeError, match="codes must be uint8"):
+        NK.dequantize_blockwise(codes.int(), absmax, signed=signed, block_size=block_size)
+    with pytest.raises(ValueError, match="absmax has"):
+        NK.dequantize_blockwise(codes, absmax[:-1], signed=signed, block_size=block_size)
+    with pytest.raises(ValueError, match="codes is on meta"):
+        NK.dequantize_blockwise(codes.to("meta"), absmax, signed=signed, block_size=block_size)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_packed_rounding_equals_the_twins_over_a_dense_sweep(signed):
+    """native.c's rounding (one packed word per cell, integer compare) against quant._nearest_codes (the twin's
+    table lookup and fp32 compare) on every 61st fp32 pattern of [-1, 1] and, in every cell, its first and last
+    pattern and the patterns around its rounding threshold: identical codes."""
+    positive = torch.arange(0, 0x3F800001, 61, dtype=torch.int64)
+    cells = torch.arange(0, 0x3F81, dtype=torch.int64) << 16
+    thresholds = Q.search_table(signed)[1].view(torch.int32).to(torch.int64)
+    thresholds = thresholds[(thresholds >= 0) & (thresholds <= 0x3F800000)]
+    edges = torch.cat([cells, cells + 0xFFFF, thresholds - 1, thresholds, thresholds + 1])
+    patterns = torch.cat([positive, edges]).clamp_(0, 0x3F800000)
+    patterns = torch.cat([patterns, patterns | (1 << 31)]) if signed else patterns  # negative values: sign bit
+    x = patterns.to(torch.int32).view(torch.float32)
+    want = Q._nearest_codes(x, signed)
+    got = NK.nearest_codes(x, signed=signed)
+    bad = (got != want).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} of {x.numel()} differ, e.g. x = {x[bad[0]].item()!r}"
 
 
 def test_sqrt_rn_is_correctly_rounded():
