@@ -6,8 +6,8 @@ function.
 PyTorch (with one warning). ``backend="triton"``: Triton on CUDA; on CPU tensors only through Triton's
 interpreter (``TRITON_INTERPRET=1``, how the CPU test suite runs the kernels), otherwise a RuntimeError saying
 how to enable it. ``backend="native"``: the native kernel, CPU tensors only. ``backend="torch"``: always PyTorch.
-The native kernels replace the fused moment update and the dequantization, bit-identical to their twins; every
-other state operation on the CPU is the twin.
+The native kernels replace the moment updates (8-bit and fp32 state) and the dequantization, bit-identical to
+their twins; every other state operation on the CPU is the twin.
 
 Triton is imported lazily, only when a Triton kernel is selected, so the torch and native paths never need it.
 """
@@ -129,6 +129,10 @@ def moment_update_8bit(backend: str, device: torch.device | str) -> Callable[...
 
 def moment_update_32bit(backend: str, device: torch.device | str) -> Callable[..., torch.Tensor]:
     """Adam on fp32 moments in one launch (signature of :func:`coap8bit.functional.moment_update_32bit`)."""
+    if use_native(backend, device):
+        from .kernels import native
+
+        return native.moment_update_32bit
     return _select(backend, device, Fn.moment_update_32bit, "moments")
 
 

@@ -40,6 +40,44 @@ static inline uint32_t nearest_code(uint32_t bits, const uint32_t *table) {
     return (entry >> 16) + (low > (entry & 0xFFFFu));
 }
 
+/* N = n_raw clamped to ±bound into out (NaN stays NaN, as torch.clamp); returns how many |N| exceeded the bound
+   and raises *peak_bits to the pattern of the largest |N|. */
+static inline int64_t clamp_and_count(const float *n_raw, float *out, int64_t len, float bound, uint32_t *peak_bits) {
+    uint32_t peak = *peak_bits;
+    int64_t hits = 0;
+    for (int64_t i = 0; i < len; ++i) {
+        const float x = n_raw[i], mag = fabsf(x);
+        const uint32_t bits = f32_bits(mag);
+        peak = bits > peak ? bits : peak;
+        hits += mag > bound;
+        out[i] = x > bound ? bound : (x < -bound ? -bound : x);
+    }
+    *peak_bits = peak;
+    return hits;
+}
+
+/* The largest |x[i]| (as a float; a NaN wins). */
+static inline float abs_max(const float *x, int64_t len) {
+    uint32_t peak = 0;
+    for (int64_t i = 0; i < len; ++i) {
+        const uint32_t bits = f32_bits(fabsf(x[i]));
+        peak = bits > peak ? bits : peak;
+    }
+    float value;
+    memcpy(&value, &peak, sizeof value);
+    return value;
+}
+
+/* The step's counters added to numerics (fp64 [bound hits, floor hits, largest |N|]) in the twin's order. */
+static void add_counters(double *numerics, int64_t bound_hits, int64_t floor_hits, uint32_t peak_bits) {
+    float peak;
+    memcpy(&peak, &peak_bits, sizeof peak);
+    numerics[0] += (double)bound_hits;
+    const double p = (double)peak; /* NaN when an N was NaN */
+    numerics[2] = (p != p || numerics[2] != numerics[2]) ? NAN : (p > numerics[2] ? p : numerics[2]);
+    numerics[1] += (double)floor_hits;
+}
+
 /* The loops below are split so that the arithmetic ones hold no table loads: gcc vectorizes them (divisions,
    square roots and FMAs 8 lanes at a time on AVX2), which a scalar loop of 4 divisions and 2 square roots per
    element would not be. Maxima of non-negative floats are taken on their bit patterns as unsigned integers:
@@ -91,22 +129,8 @@ int coap8bit_moment_update_8bit(const void *g, int g_is_bf16, uint8_t *m_codes, 
             sqrt_v[i] = sqrtf(vi);
         }
         /* N clamped (written only now: it may be g's own memory), the counters, the blocks' absmax. */
-        float *n_block = n_out + start;
-        uint32_t m_max = 0, v_max = 0;
-        int64_t hits = 0;
-        for (int64_t i = 0; i < len; ++i) {
-            const float x = n_raw[i], mag = fabsf(x);
-            const uint32_t mag_bits = f32_bits(mag), am_bits = f32_bits(fabsf(m[i])), sv_bits = f32_bits(sqrt_v[i]);
-            peak_bits = mag_bits > peak_bits ? mag_bits : peak_bits;
-            hits += mag > bound;
-            n_block[i] = x > bound ? bound : (x < -bound ? -bound : x); /* NaN stays NaN, as torch.clamp */
-            m_max = am_bits > m_max ? am_bits : m_max;
-            v_max = sv_bits > v_max ? sv_bits : v_max;
-        }
-        bound_hits += hits;
-        float m_peak, v_peak;
-        memcpy(&m_peak, &m_max, sizeof m_peak);
-        memcpy(&v_peak, &v_max, sizeof v_peak);
+        bound_hits += clamp_and_count(n_raw, n_out + start, len, bound, &peak_bits);
+        const float m_peak = abs_max(m, len), v_peak = abs_max(sqrt_v, len);
         /* Requantize: an all-zero block keeps absmax 0 and divides by 1 (every code is then the zero's). */
         const float m_div = m_peak > 0.0f ? m_peak : 1.0f, v_div = v_peak > 0.0f ? v_peak : 1.0f;
         for (int64_t i = 0; i < len; ++i) {
@@ -129,15 +153,44 @@ int coap8bit_moment_update_8bit(const void *g, int g_is_bf16, uint8_t *m_codes, 
         m_absmax[block] = m_peak;
         v_absmax[block] = v_peak;
     }
-    if (numerics != NULL) {
-        float peak;
-        memcpy(&peak, &peak_bits, sizeof peak);
-        numerics[0] += (double)bound_hits;
-        const double p = (double)peak; /* NaN when an N was NaN */
-        numerics[2] = (p != p || numerics[2] != numerics[2]) ? NAN : (p > numerics[2] ? p : numerics[2]);
-        numerics[1] += (double)floor_hits;
-    }
+    if (numerics != NULL) add_counters(numerics, bound_hits, floor_hits, peak_bits);
     return 0;
+}
+
+/* Adam on fp32 moments, in place: the twin's functional.moment_update_32bit (no header), N into n_out (its own
+   buffer). Chunks of MAX_BLOCK elements over threads. */
+void coap8bit_moment_update_32bit(const void *g, int g_is_bf16, float *m, float *v, float *n_out, double *numerics,
+                                  float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float eps,
+                                  float bias_correction1, float bias_correction2, float bound, int64_t n,
+                                  int num_threads) {
+    const float *g32 = (const float *)g;
+    const uint16_t *g16 = (const uint16_t *)g;
+    const int64_t n_chunks = (n + MAX_BLOCK - 1) / MAX_BLOCK;
+    int64_t bound_hits = 0;
+    uint32_t peak_bits = 0;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1 && n >= PARALLEL_MIN) \
+    reduction(+ : bound_hits) reduction(max : peak_bits)
+#endif
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+        float g_blk[MAX_BLOCK], n_raw[MAX_BLOCK];
+        const int64_t start = chunk * MAX_BLOCK, len = n - start < MAX_BLOCK ? n - start : MAX_BLOCK;
+        if (g_is_bf16)
+            for (int64_t i = 0; i < len; ++i) g_blk[i] = bf16_to_f32(g16[start + i]);
+        else
+            memcpy(g_blk, g32 + start, (size_t)len * sizeof(float));
+        float *mc = m + start, *vc = v + start;
+        for (int64_t i = 0; i < len; ++i) {
+            const float gi = g_blk[i];
+            const float mi = fmaf(gi, one_minus_beta1, mc[i] * beta1);
+            const float vi = fmaf(one_minus_beta2 * gi, gi, vc[i] * beta2);
+            mc[i] = mi;
+            vc[i] = vi;
+            n_raw[i] = (mi / bias_correction1) / (sqrtf(vi / bias_correction2) + eps);
+        }
+        bound_hits += clamp_and_count(n_raw, n_out + start, len, bound, &peak_bits);
+    }
+    if (numerics != NULL) add_counters(numerics, bound_hits, 0, peak_bits);
 }
 
 /* out[i] = code[codes[i]] * absmax[i / block_size]: the twin's dequantization (bitsandbytes' CPU kernel), one

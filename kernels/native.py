@@ -33,7 +33,8 @@ from .. import functional as Fn
 from ..format import code_map, search_table
 from .checks import check_moment_state, check_tensor
 
-__all__ = ["available", "build_error", "moment_update_8bit", "dequantize_blockwise", "nearest_codes", "rounding_words"]
+__all__ = ["available", "build_error", "moment_update_8bit", "moment_update_32bit", "dequantize_blockwise",
+           "nearest_codes", "rounding_words"]
 
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared")
@@ -109,6 +110,8 @@ def _library() -> ctypes.CDLL:
         p, f, i64 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64
         fn.argtypes = [p, ctypes.c_int, *[p] * 10, *[f] * 8, i64, i64, ctypes.c_int]
         fn.restype = ctypes.c_int
+        lib.coap8bit_moment_update_32bit.argtypes = [p, ctypes.c_int, p, p, p, p, *[f] * 8, i64, ctypes.c_int]
+        lib.coap8bit_moment_update_32bit.restype = None
         lib.coap8bit_dequantize_blockwise.argtypes = [p, p, p, p, i64, i64, ctypes.c_int]
         lib.coap8bit_dequantize_blockwise.restype = None
         lib.coap8bit_nearest_codes.argtypes = [p, i64, p, p]
@@ -209,6 +212,43 @@ def moment_update_8bit(
     if status != 0:  # the launcher checked the block size: a library out of step with this file
         raise RuntimeError(f"coap8bit native moment update returned {status}")
     return N if out is None or N is out else out.copy_(N)
+
+
+def moment_update_32bit(
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    bound: float,
+    numerics: torch.Tensor | None = None,
+    header: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Native twin of :func:`coap8bit.functional.moment_update_32bit` (same signature, same results bit for bit):
+    Adam on fp32 moments ``m``, ``v`` (contiguous CPU tensors, updated in place); returns N clamped to ±bound.
+    With a step ``header`` (a path that decided on the device) this is the twin itself."""
+    if header is not None:
+        return Fn.moment_update_32bit(g, m, v, beta1=beta1, beta2=beta2, eps=eps, step=step, bound=bound,
+                                      numerics=numerics, header=header)
+    cpu = torch.device("cpu")
+    if torch.is_tensor(g) and g.is_floating_point() and g.dtype not in _GRAD_DTYPES:
+        g = g.to(torch.float32)
+    g = g.contiguous() if torch.is_tensor(g) else g
+    n = g.numel() if torch.is_tensor(g) else 0
+    check_tensor("g", g, dtypes=_GRAD_DTYPES, numel=n, device=cpu)
+    check_tensor("m", m, dtypes=(torch.float32,), numel=n, device=cpu)
+    check_tensor("v", v, dtypes=(torch.float32,), numel=n, device=cpu)
+    if numerics is not None:
+        check_tensor("numerics", numerics, dtypes=(torch.float64,), numel=_format.NUMERICS_SIZE, device=cpu)
+    N = torch.empty(m.shape, dtype=torch.float32)  # (the twin's N has m's shape)
+    _library().coap8bit_moment_update_32bit(
+        g.data_ptr(), g.dtype == torch.bfloat16, m.data_ptr(), v.data_ptr(), N.data_ptr(),
+        None if numerics is None else numerics.data_ptr(), beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+        1.0 - beta1**step, 1.0 - beta2**step, Fn._fp32(bound), n, torch.get_num_threads())
+    return N
 
 
 def dequantize_blockwise(

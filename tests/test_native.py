@@ -35,6 +35,7 @@ def test_native_kernel_builds_here():
     assert dispatch.moment_update_8bit("native", "cpu") is NK.moment_update_8bit
     assert dispatch.moment_update_8bit("torch", "cpu") is Fn.moment_update_8bit
     assert dispatch.dequantize_blockwise("auto", "cpu") is NK.dequantize_blockwise
+    assert dispatch.moment_update_32bit("auto", "cpu") is NK.moment_update_32bit
     assert dispatch.dequantize_blockwise("torch", "cpu") is Q.dequantize_blockwise
     assert dispatch.backend_for("auto", "cpu").implementation == "native"
     assert not dispatch.backend_for("native", "cpu").fused  # the skip is decided on the host, as the twin's
@@ -337,3 +338,30 @@ def test_a_compiler_without_openmp_builds_a_serial_library_with_the_same_results
     """, CC=str(cc), COAP8BIT_CACHE_DIR=str(tmp_path / "cache"))
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
     assert len(list((tmp_path / "cache").glob("native-*.so"))) == 1
+
+
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("numel", [1, 255, 4097, 70_001])
+def test_native_fp32_state_update_matches_twin_bit_for_bit(numel, g_dtype, threads):
+    """fp32 moments (the dense32 kind, coap8bit.AdamW): three steps, m, v, N and the counters equal to the twin's
+    (a bound below exact Adam's, so that clamping is exercised); with a header it is the twin."""
+    m, v = torch.zeros(numel), torch.zeros(numel)
+    numerics = torch.zeros(3, dtype=torch.float64)
+    for step in range(1, 4):
+        g = wide_gradient((numel,), g_dtype, seed=step)
+        m_t, v_t, numerics_t = m.clone(), v.clone(), numerics.clone()
+        kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step=step, bound=0.5 * adam_update_bound(0.9, 0.999, step))
+        N = NK.moment_update_32bit(g, m, v, numerics=numerics, **kw)
+        N_t = Fn.moment_update_32bit(g, m_t, v_t, numerics=numerics_t, **kw)
+        assert torch.equal(m, m_t) and torch.equal(v, v_t) and torch.equal(N, N_t) and N.shape == g.shape
+        assert torch.equal(numerics, numerics_t), (numerics, numerics_t)
+    assert numel < 1000 or numerics[0] > 0
+    header = new_header(True, 1 - 0.9**4, 1 - 0.999**4, 2.0, 1.0, "cpu")
+    g = wide_gradient((numel,), torch.float32, seed=9)
+    m_t, v_t = m.clone(), v.clone()
+    N = NK.moment_update_32bit(g, m, v, header=header, **{**kw, "step": 4})
+    assert torch.equal(N, Fn.moment_update_32bit(g, m_t, v_t, header=header, **{**kw, "step": 4}))
+    with pytest.raises(ValueError, match="m must be contiguous"):
+        NK.moment_update_32bit(torch.zeros(4, 6), torch.zeros(6, 4).mT, torch.zeros(4, 6), **kw)
+    with pytest.raises(TypeError, match="v must have dtype"):
+        NK.moment_update_32bit(torch.zeros(5), torch.zeros(5), torch.zeros(5, dtype=torch.float64), **kw)
